@@ -1,0 +1,196 @@
+"""The Node: one trio nursery that starts every modular in order and stops them cleanly.
+
+Start: open SPDB, build the shared limiter, load keys, construct the modulars, then
+``await nursery.start(...)`` each in dependency order; a modular that fails to start stops the
+node with :class:`~node.errors.ModularStartError`. Once all are up: ``READY=1``.
+
+Stop (SIGTERM/SIGINT): ``STOPPING=1``; every modular that has ``drain()`` gets up to
+``node.grace_period`` seconds to finish in-flight work (a second signal skips the wait); then
+the nursery is cancelled. While running, ``WATCHDOG=1`` goes out at half of ``WATCHDOG_USEC``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.config import Config, LimitValues
+from node.crypto import KeySet, load_keys
+from node.db import open_spdb
+from node.errors import GfspError, ModularStartError
+from node.modular import Modular, Modulars, NodeContext
+from node.notify import Notifier
+from node.rcmgr import Limit, ResourceLimiter
+from node.registry import build_modulars, resolve_factories, start_order
+
+log = logging.getLogger("gfsp.node")
+
+
+class ModularFailed(GfspError):
+    """A running modular raised; the node stops and exits non-zero with this message."""
+
+    def __init__(self, name: str, cause: BaseException) -> None:
+        super().__init__(f"modular {name!r} failed: {type(cause).__name__}: {cause}")
+        self.name = name
+        self.cause = cause
+
+
+def limit_of(values: LimitValues) -> Limit:
+    return Limit(**{f.name: int(getattr(values, f.name)) for f in dataclasses.fields(values)})
+
+
+def build_limiter(config: Config) -> ResourceLimiter:
+    return ResourceLimiter(
+        system=limit_of(config.limits.system),
+        service_default=limit_of(config.limits.service),
+        services={name: limit_of(v) for name, v in config.limits.services.items()},
+    )
+
+
+def load_node_keys(config: Config, env: Mapping[str, str]) -> KeySet:
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    return load_keys(config.keys_dir, credentials_dir=Path(creds) if creds else None)
+
+
+class _Started:
+    """Wraps a task_status so the container learns when a modular is up."""
+
+    def __init__(self, modular: Modular, modulars: Modulars,
+                 task_status: trio.TaskStatus[None]) -> None:
+        self._modular, self._modulars, self._status = modular, modulars, task_status
+        self.started_ok = False
+
+    def started(self, value: Any = None) -> None:
+        self._modulars.mark_running(self._modular)
+        self.started_ok = True
+        self._status.started(value)
+
+
+class Node:
+    def __init__(self, config: Config, *, env: Mapping[str, str] | None = None,
+                 handle_signals: bool = True) -> None:
+        self.config = config
+        self.env = os.environ if env is None else env
+        self.notifier = Notifier(self.env)
+        self.handle_signals = handle_signals
+        self.ctx: NodeContext | None = None
+        self.order: list[str] = []
+        self._stop_requested = trio.Event()
+        self._force_stop = trio.Event()
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does); a second call skips the grace period."""
+        if self._stop_requested.is_set():
+            self._force_stop.set()
+        self._stop_requested.set()
+
+    @asynccontextmanager
+    async def _context(self):  # type: ignore[no-untyped-def]
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        keys = load_node_keys(cfg, self.env)
+        limiter = build_limiter(cfg)
+        async with open_spdb(cfg.db_path, busy_timeout=cfg.db.busy_timeout,
+                             synchronous=cfg.db.synchronous) as db:
+            yield NodeContext(config=cfg, limiter=limiter, db=db, keys=keys)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run until stopped. Raises ModularStartError / ModularFailed / ConfigError."""
+        factories = resolve_factories(self.config)
+        async with self._context() as ctx:
+            self.ctx = ctx
+            modulars = build_modulars(ctx, factories)
+            self.order = start_order(modulars)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await self._start_all(nursery, ctx, modulars)
+                    log.info("node %s ready: %s", self.config.node.name, ", ".join(self.order))
+                    self.notifier.notify("READY=1")
+                    task_status.started()
+                    if self.notifier.watchdog_interval:
+                        nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                    if self.handle_signals:
+                        nursery.start_soon(self._signals)
+                    await self._stop_requested.wait()
+                    self.notifier.notify("STOPPING=1")
+                    log.info("stopping: draining for up to %.1fs", self.config.node.grace_period)
+                    await self._drain(modulars)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise _unwrap(group) from None
+
+    async def _start_all(self, nursery: trio.Nursery, ctx: NodeContext,
+                         modulars: Mapping[str, Modular]) -> None:
+        for name in self.order:
+            modular = modulars[name]
+            try:
+                await nursery.start(self._serve_one, modular, ctx.modulars)
+            except ModularFailed as failed:
+                raise ModularStartError(name, failed.cause) from failed.cause
+            except Exception as exc:
+                raise ModularStartError(name, exc) from exc
+            log.info("modular %s started", name)
+
+    async def _serve_one(self, modular: Modular, registry: Modulars,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        status = _Started(modular, registry, task_status)
+        try:
+            await modular.serve(task_status=status)  # type: ignore[arg-type]
+        except Exception as exc:
+            raise ModularFailed(modular.name, exc) from exc
+        finally:
+            registry.mark_stopped(modular.name)
+        if status.started_ok and not self._stop_requested.is_set():
+            raise ModularFailed(modular.name, RuntimeError("serve() returned while running"))
+
+    async def _drain(self, modulars: Mapping[str, Modular]) -> None:
+        drainers = [m for name in reversed(self.order)
+                    if callable(getattr(m := modulars[name], "drain", None))]
+        if not drainers:
+            return
+        with trio.move_on_after(self.config.node.grace_period) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on, self._force_stop, nursery.cancel_scope)
+                async with trio.open_nursery() as inner:
+                    for m in drainers:
+                        inner.start_soon(m.drain)  # type: ignore[attr-defined]
+                nursery.cancel_scope.cancel()
+        if scope.cancelled_caught:
+            log.warning("grace period over; cancelling in-flight work")
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                self.request_stop()
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _unwrap(group: BaseExceptionGroup) -> BaseException:
+    """The first GfspError inside a (nested) group, else the group itself."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = _unwrap(exc)
+            if inner is not exc:
+                return inner
+        elif isinstance(exc, GfspError):
+            return exc
+    return group

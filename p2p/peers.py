@@ -1,0 +1,119 @@
+"""The peer table: who we know, how they did, persisted in SPDB (survives restarts).
+
+States: ``candidate`` (heard of through a pong or the bootstrap list, not yet proven),
+``trusted`` (answered or sent a valid signed ping/pong), ``evicted`` (missed ``evict_after``
+pongs in a row; re-probed now and then, trusted again when it answers).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field, replace
+
+from node.db import SPDB
+
+CANDIDATE, TRUSTED, EVICTED = "candidate", "trusted", "evicted"
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    peer_id: str
+    operator: str = ""
+    addrs: tuple[str, ...] = ()
+    state: str = CANDIDATE
+    missed: int = 0
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = 0.0
+    bootstrap: bool = False
+
+
+class PeerTable:
+    """In-memory view of the ``peers`` table; every change is written through."""
+
+    def __init__(self, db: SPDB, *, self_peer_id: str, max_peers: int) -> None:
+        self._db = db
+        self._self = self_peer_id
+        self._max = max_peers
+        self._peers: dict[str, PeerRecord] = {}
+        self.rtts: dict[str, float] = {}
+
+    async def load(self) -> None:
+        def read(conn: sqlite3.Connection) -> list[PeerRecord]:
+            rows = conn.execute("SELECT peer_id, operator, addrs, state, missed, first_seen, "
+                                "last_seen FROM peers").fetchall()
+            return [PeerRecord(r[0], r[1] or "", tuple(json.loads(r[2] or "[]")), r[3], r[4],
+                               r[5] or 0.0, r[6] or 0.0) for r in rows]
+
+        for rec in await self._db.run(read):
+            if rec.peer_id != self._self:
+                self._peers[rec.peer_id] = rec
+
+    def get(self, peer_id: str) -> PeerRecord | None:
+        return self._peers.get(peer_id)
+
+    def all(self) -> list[PeerRecord]:
+        return list(self._peers.values())
+
+    def in_state(self, *states: str) -> list[PeerRecord]:
+        return [p for p in self._peers.values() if p.state in states]
+
+    def trusted(self) -> list[PeerRecord]:
+        return self.in_state(TRUSTED)
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    async def put(self, rec: PeerRecord) -> bool:
+        """Insert or replace; False (nothing stored) for ourselves or when the table is full."""
+        if rec.peer_id == self._self:
+            return False
+        if rec.peer_id not in self._peers and len(self._peers) >= self._max:
+            return False
+        self._peers[rec.peer_id] = rec
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO peers (peer_id, operator, addrs, first_seen, last_seen,"
+                " missed, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (rec.peer_id, rec.operator, json.dumps(list(rec.addrs)), rec.first_seen,
+                 rec.last_seen, rec.missed, rec.state))
+
+        await self._db.run(write)
+        return True
+
+    async def remove(self, peer_id: str) -> None:
+        self._peers.pop(peer_id, None)
+        self.rtts.pop(peer_id, None)
+        await self._db.run(lambda c: c.execute("DELETE FROM peers WHERE peer_id = ?", (peer_id,)))
+
+    async def mark_alive(self, peer_id: str, operator: str, addrs: tuple[str, ...],
+                         rtt: float | None = None) -> PeerRecord:
+        old = self._peers.get(peer_id) or PeerRecord(peer_id)
+        rec = replace(old, operator=operator, addrs=addrs or old.addrs, state=TRUSTED, missed=0,
+                      last_seen=time.time())
+        if rtt is not None:
+            self.rtts[peer_id] = rtt
+        await self.put(rec)
+        return rec
+
+    async def mark_missed(self, peer_id: str, evict_after: int) -> PeerRecord | None:
+        """Count a missed pong. Returns the new record, or None when the peer was dropped.
+
+        A candidate that never answered is dropped after ``evict_after`` misses (unless it is a
+        bootstrap peer); a trusted peer becomes ``evicted``.
+        """
+        old = self._peers.get(peer_id)
+        if old is None:
+            return None
+        missed = old.missed + 1
+        if missed >= evict_after and old.state == CANDIDATE and not old.bootstrap:
+            await self.remove(peer_id)
+            return None
+        state = EVICTED if missed >= evict_after and old.state != CANDIDATE else old.state
+        rec = replace(old, missed=missed, state=state)
+        if state == EVICTED:
+            self.rtts.pop(peer_id, None)
+        await self.put(rec)
+        return rec
