@@ -30,6 +30,7 @@ from node.modular import Modular, Modulars, NodeContext
 from node.notify import Notifier
 from node.rcmgr import Limit, ResourceLimiter
 from node.registry import build_modulars, resolve_factories, start_order
+from node.spregistry import SPRegistry, StaticSPRegistry, wall_clock_height
 
 log = logging.getLogger("gfsp.node")
 
@@ -58,6 +59,15 @@ def build_limiter(config: Config) -> ResourceLimiter:
 def load_node_keys(config: Config, env: Mapping[str, str]) -> KeySet:
     creds = env.get("CREDENTIALS_DIRECTORY")
     return load_keys(config.keys_dir, credentials_dir=Path(creds) if creds else None)
+
+
+def load_sp_registry(config: Config) -> SPRegistry | None:
+    """The static registry named by ``chain.registry_file``; None means "ask the chain"."""
+    if not config.chain.registry_file:
+        return None
+    return StaticSPRegistry.from_file(
+        config.resolve(Path(config.chain.registry_file)),
+        height=wall_clock_height(config.chain.block_interval))
 
 
 class _Started:
@@ -100,7 +110,8 @@ class Node:
         limiter = build_limiter(cfg)
         async with open_spdb(cfg.db_path, busy_timeout=cfg.db.busy_timeout,
                              synchronous=cfg.db.synchronous) as db:
-            yield NodeContext(config=cfg, limiter=limiter, db=db, keys=keys)
+            yield NodeContext(config=cfg, limiter=limiter, db=db, keys=keys,
+                              sp_registry=load_sp_registry(cfg))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

@@ -153,6 +153,10 @@ class ChainSection:
                                   lo=0.01, hi=600)
     height_refresh_interval: Seconds = _f(Seconds(1.0), "Seconds between height refreshes.",
                                           lo=0.01, hi=600)
+    registry_file: str = _f("", "A static SP registry (JSON) used instead of the chain's; "
+                                "empty: ask the chain.")
+    block_interval: Seconds = _f(Seconds(1.0), "Seconds per block of a static registry's height.",
+                                 lo=0.01, hi=3600)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from node.crypto import KeySet
     from node.db import SPDB
     from node.rcmgr import ResourceLimiter
+    from node.spregistry import SPRegistry
 
 # The seed's modular names (snake_case, as the config uses them) and descriptions.
 DESCRIPTIONS: dict[str, str] = {
@@ -141,6 +142,7 @@ class NodeContext:
     limiter: ResourceLimiter
     db: SPDB
     keys: KeySet
+    sp_registry: SPRegistry | None = None
     modulars: Modulars = field(default_factory=Modulars)
     clock: Callable[[], float] = field(default=trio.current_time)
 

@@ -30,7 +30,6 @@ CANONICAL_ORDER: tuple[str, ...] = (
 # The modulars built so far, by name.
 DEFAULT_MODULARS: dict[str, str] = {
     "signer": "modulars.signer:Signer",
-    "p2p": "p2p.modular:P2PModular",
 }
 
 

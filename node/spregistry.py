@@ -83,10 +83,11 @@ class StaticSPRegistry:
         return reg
 
     @classmethod
-    def from_file(cls, path: Path) -> StaticSPRegistry:
+    def from_file(cls, path: Path, height: Callable[[], int] | None = None
+                  ) -> StaticSPRegistry:
         try:
             data = json.loads(path.read_text())
-            return cls.of(SPInfo.from_json(d) for d in data["sps"])
+            return cls.of((SPInfo.from_json(d) for d in data["sps"]), height)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: not a valid SP registry file: {exc}") from None
 

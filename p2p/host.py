@@ -1,0 +1,613 @@
+"""The libp2p host of a gfsp node: the ONLY module of the project that imports libp2p.
+
+It wraps py-libp2p 0.8.1 (see /work/shared/P2P-NOTES.md) behind a small trio API:
+
+* :func:`open_host` is an async context manager yielding a :class:`P2PHost` once it listens:
+  Noise only, Yamux only, one connection per peer, the node's ed25519 p2p key as host key.
+* :class:`Stream` reads and writes length-prefixed frames (PROTOCOL.md "Framing": a 4-byte
+  big-endian length, then the body), with a maximum size checked before the body is read.
+* :meth:`P2PHost.request` is one request frame and one response frame on a new stream, the
+  whole exchange under one deadline.
+
+Every libp2p / multiaddr exception is mapped at this boundary to a :class:`P2PError` subclass;
+no libp2p type escapes. Handlers are wrapped: whatever they raise is logged and only their
+stream is reset; the host keeps serving.
+
+Pitfalls of py-libp2p 0.8.1 applied here (numbers from P2P-NOTES.md):
+1 ``max_connections_per_peer=1``; 2 handlers wrapped; 3 ``host.close()`` inside ``run()``;
+4 Noise + Yamux only; 5 our own deadlines everywhere; 6 our own read loop; 8 exception groups
+unwrapped at the boundary; 9 one write per frame; 10 libp2p loggers at WARNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn
+
+import multiaddr
+import multiaddr.exceptions
+import nacl.signing
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from node.crypto import PrivateKey
+from node.errors import GfspError
+
+__all__ = [
+    "FrameTooLarge",
+    "Handler",
+    "P2PError",
+    "P2PHost",
+    "P2PTimeout",
+    "PeerUnreachable",
+    "ProtocolError",
+    "Stream",
+    "StreamClosed",
+    "open_host",
+    "parse_bootstrap",
+    "peer_id_from_public_key",
+]
+
+log = logging.getLogger(__name__)
+
+FRAME_HEADER = struct.Struct(">I")
+#: Hard ceiling for one frame whatever the caller asks (the prefix is a uint32).
+MAX_FRAME_LEN = 0xFFFFFFFF
+#: How long cleanup (reset, close of a stream) may take once we are giving up on it.
+_CLEANUP_TIMEOUT = 1.0
+#: How long closing the whole host may take on the way out (it measured ~200 ms).
+_HOST_CLOSE_TIMEOUT = 5.0
+#: Stream I/O errors other than libp2p's own that a dead connection can surface.
+_IO_ERRORS: tuple[type[BaseException], ...] = (
+    BaseLibp2pError,
+    OSError,
+    EOFError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class P2PError(GfspError):
+    """Base of every p2p failure (libp2p exceptions are mapped to a subclass of this)."""
+
+
+class PeerUnreachable(P2PError):
+    """Dialing the peer failed (nothing listening, handshake failed, wrong peer id, ...)."""
+
+
+class P2PTimeout(P2PError):
+    """A deadline passed (connect, open, or a whole request)."""
+
+
+class StreamClosed(P2PError):
+    """The remote closed or reset the stream, or our read hit EOF in the middle of a frame."""
+
+
+class FrameTooLarge(P2PError):
+    """A frame's declared length is above the maximum; refused before reading the body."""
+
+    def __init__(self, length: int, max_len: int) -> None:
+        super().__init__(f"frame of {length} bytes exceeds the maximum of {max_len}")
+        self.length = length
+        self.max_len = max_len
+
+
+class ProtocolError(P2PError):
+    """Malformed input at the p2p layer: a bad multiaddr, peer id, bootstrap entry, protocol."""
+
+
+Handler = Callable[["Stream"], Awaitable[None]]
+
+
+# --- identities and addresses -----------------------------------------------------------------
+
+
+def _libp2p_public_key(pk: bytes) -> Ed25519PublicKey:
+    if len(pk) != 32:
+        raise ProtocolError(f"an ed25519 public key has 32 bytes, not {len(pk)}")
+    try:
+        return Ed25519PublicKey.from_bytes(pk)
+    except (ValueError, TypeError, BaseLibp2pError) as exc:
+        raise ProtocolError(f"invalid ed25519 public key: {exc}") from exc
+
+
+def peer_id_from_public_key(pk: bytes) -> str:
+    """The base58 libp2p peer id of a 32-byte ed25519 public key."""
+    return ID.from_pubkey(_libp2p_public_key(pk)).to_base58()
+
+
+def _parse_peer_id(peer_id: str) -> ID:
+    """A libp2p ID from its base58 form; ProtocolError unless it is a canonical peer id."""
+    if not isinstance(peer_id, str) or not peer_id:
+        raise ProtocolError(f"invalid peer id {peer_id!r}")
+    try:
+        pid = ID.from_base58(peer_id)
+    except (ValueError, TypeError, BaseLibp2pError) as exc:
+        raise ProtocolError(f"invalid peer id {peer_id!r}: {exc}") from exc
+    if pid.to_base58() != peer_id or len(pid.to_bytes()) < 4:
+        raise ProtocolError(f"invalid peer id {peer_id!r}")
+    return pid
+
+
+def _parse_multiaddr(addr: str) -> multiaddr.Multiaddr:
+    if not isinstance(addr, str) or not addr.startswith("/"):
+        raise ProtocolError(f"invalid multiaddr {addr!r}")
+    try:
+        return multiaddr.Multiaddr(addr)
+    except (multiaddr.exceptions.Error, ValueError, TypeError, KeyError) as exc:
+        raise ProtocolError(f"invalid multiaddr {addr!r}: {exc}") from exc
+
+
+def _split_p2p(maddr: multiaddr.Multiaddr, what: str) -> tuple[str | None, multiaddr.Multiaddr]:
+    """(peer id of a trailing ``/p2p/<id>`` or None, the address without it)."""
+    protos = [p.name for p in maddr.protocols()]
+    if "p2p" not in protos:
+        return None, maddr
+    if protos.count("p2p") != 1 or protos[-1] != "p2p":
+        raise ProtocolError(f"{what}: /p2p/<peer id> must come once, at the end")
+    try:
+        peer = maddr.value_for_protocol("p2p")
+        rest = maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer}"))
+    except (multiaddr.exceptions.Error, ValueError, TypeError, KeyError) as exc:
+        raise ProtocolError(f"{what}: {exc}") from exc
+    return str(peer), rest
+
+
+def _transport_addr(addr: str, peer_id: str | None = None) -> multiaddr.Multiaddr:
+    """Parse a dialable address, dropping a ``/p2p/<id>`` suffix (which must match peer_id)."""
+    maddr = _parse_multiaddr(addr)
+    suffix, rest = _split_p2p(maddr, f"multiaddr {addr!r}")
+    if suffix is not None and peer_id is not None and suffix != peer_id:
+        raise ProtocolError(f"multiaddr {addr!r} names peer {suffix}, expected {peer_id}")
+    if not str(rest) or str(rest) == "/":
+        raise ProtocolError(f"multiaddr {addr!r} has no transport part")
+    return rest
+
+
+def parse_bootstrap(entry: str) -> tuple[str, list[str]]:
+    """Parse a bootstrap entry into ``(peer id, [transport multiaddr])``.
+
+    Accepts ``"<peer id>@<multiaddr>"`` or a full multiaddr ending in ``/p2p/<peer id>``.
+    The returned address has no ``/p2p`` suffix. Raises :class:`ProtocolError` naming the
+    entry when it is malformed.
+    """
+    if not isinstance(entry, str) or not entry.strip():
+        raise ProtocolError(f"bad bootstrap entry {entry!r}: empty")
+    text = entry.strip()
+    try:
+        if "@" in text:
+            peer, _, addr = text.partition("@")
+            _parse_peer_id(peer)
+            rest = _transport_addr(addr, peer)
+        else:
+            suffix, rest = _split_p2p(_parse_multiaddr(text), "multiaddr")
+            if suffix is None:
+                raise ProtocolError("no /p2p/<peer id> and no '<peer id>@' prefix")
+            peer = suffix
+            _parse_peer_id(peer)
+            if not str(rest) or str(rest) == "/":
+                raise ProtocolError("no transport part")
+    except ProtocolError as exc:
+        raise ProtocolError(f"bad bootstrap entry {entry!r}: {exc}") from exc
+    return peer, [str(rest)]
+
+
+# --- exception plumbing -----------------------------------------------------------------------
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for sub in exc.exceptions:
+            out.extend(_leaves(sub))
+        return out
+    return [exc]
+
+
+def _unwrap_group(group: BaseExceptionGroup[Any]) -> NoReturn:
+    """Re-raise the meaningful exception inside (nested) exception groups (pitfall 8).
+
+    One non-Cancelled leaf: raised as is. Only Cancelled leaves: the first Cancelled (trio's
+    cancel scopes accept it bare). Several real errors: our own error wins, else a P2PError.
+    """
+    leaves = _leaves(group)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if not real:
+        raise leaves[0]
+    if len(real) == 1:
+        if isinstance(real[0], BaseLibp2pError):
+            raise P2PError(f"libp2p failure: {real[0]!r}") from real[0]
+        raise real[0]
+    for exc in real:
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit, ...
+            raise exc
+    for exc in real:
+        if isinstance(exc, GfspError):
+            raise exc
+    raise P2PError(f"several p2p failures: {real!r}") from group
+
+
+async def _quietly(what: str, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run a cleanup call shielded and bounded; its I/O failure is logged, not raised."""
+    with trio.move_on_after(_CLEANUP_TIMEOUT) as scope:
+        scope.shield = True
+        try:
+            await fn()
+        except (*_IO_ERRORS, P2PError) as exc:
+            log.debug("p2p: %s failed: %r", what, exc)
+    if scope.cancelled_caught:
+        log.debug("p2p: %s timed out", what)
+
+
+# --- streams ----------------------------------------------------------------------------------
+
+
+class Stream:
+    """One libp2p stream with length-prefixed framing (PROTOCOL.md "Framing").
+
+    ``remote_peer_id`` and ``remote_public_key`` are those of the Noise-authenticated remote.
+    Every method maps libp2p failures to :class:`P2PError` subclasses. Deadlines are the
+    caller's (``trio.fail_after`` around the calls); reads never give up on their own.
+    """
+
+    def __init__(self, raw: Any, remote_peer_id: str, remote_public_key: bytes,
+                 protocol: str) -> None:
+        self._raw = raw
+        self.remote_peer_id = remote_peer_id
+        self.remote_public_key = remote_public_key
+        self.protocol = protocol
+        self._buf = bytearray()
+
+    @classmethod
+    def _from_raw(cls, raw: Any, protocol: str) -> Stream:
+        """Wrap a libp2p net stream, extracting the authenticated remote's identity."""
+        try:
+            pid: ID = raw.muxed_conn.peer_id
+            key = pid.extract_public_key()
+        except (AttributeError, ValueError, TypeError, BaseLibp2pError) as exc:
+            raise ProtocolError(f"cannot identify the remote of a stream: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ProtocolError(f"remote peer {pid} does not use an ed25519 key")
+        return cls(raw, pid.to_base58(), key.to_bytes(), protocol)
+
+    def __repr__(self) -> str:
+        return f"Stream(remote={self.remote_peer_id}, protocol={self.protocol!r})"
+
+    async def _read_some(self, n: int) -> bytes:
+        try:
+            chunk = await self._raw.read(n)
+        except _IO_ERRORS as exc:
+            raise StreamClosed(
+                f"stream from {self.remote_peer_id} closed while reading: {exc!r}") from exc
+        if not chunk:
+            raise StreamClosed(f"stream from {self.remote_peer_id} hit EOF")
+        return bytes(chunk)
+
+    async def _read_exact(self, n: int) -> bytes:
+        """Exactly n bytes (our own loop: libp2p's read_exactly gives up, pitfall 6)."""
+        while len(self._buf) < n:
+            self._buf += await self._read_some(min(n - len(self._buf), 1 << 20))
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def read_frame(self, max_len: int) -> bytes:
+        """Read one frame; FrameTooLarge if its declared length exceeds max_len."""
+        if max_len < 0:
+            raise ValueError("max_len must be >= 0")
+        (length,) = FRAME_HEADER.unpack(await self._read_exact(FRAME_HEADER.size))
+        if length > max_len:
+            raise FrameTooLarge(length, max_len)
+        return await self._read_exact(length) if length else b""
+
+    async def write_frame(self, data: bytes) -> None:
+        """Write one frame: the prefix and the body in ONE write call (pitfall 9)."""
+        if len(data) > MAX_FRAME_LEN:
+            raise FrameTooLarge(len(data), MAX_FRAME_LEN)
+        await self.write_raw(FRAME_HEADER.pack(len(data)) + bytes(data))
+
+    async def write_raw(self, data: bytes) -> None:
+        """Write bytes as they are (no framing): for tests and exotic protocols."""
+        try:
+            await self._raw.write(data)
+        except _IO_ERRORS as exc:
+            raise StreamClosed(
+                f"stream to {self.remote_peer_id} closed while writing: {exc!r}") from exc
+
+    async def close(self) -> None:
+        """Close our side gracefully (the remote reads EOF after what we wrote)."""
+        try:
+            await self._raw.close()
+        except _IO_ERRORS as exc:
+            raise StreamClosed(f"closing stream to {self.remote_peer_id}: {exc!r}") from exc
+
+    async def reset(self) -> None:
+        """Abort the stream in both directions; never raises for an already dead stream."""
+        await _quietly("stream reset", self._raw.reset)
+
+
+# --- the host ---------------------------------------------------------------------------------
+
+
+class P2PHost:
+    """A running libp2p host (use :func:`open_host`)."""
+
+    def __init__(self, host: Any, *, connect_timeout: float) -> None:
+        self._host = host
+        self._connect_timeout = connect_timeout
+        self.peer_id: str = host.get_id().to_base58()
+        self._handler_scopes: set[trio.CancelScope] = set()
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return f"P2PHost(peer_id={self.peer_id})"
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs we listen on (real bound ports), each ending in ``/p2p/<id>``."""
+        return [f"{addr}/p2p/{self.peer_id}" for addr in self._host.get_transport_addrs()]
+
+    # connections
+
+    def is_connected(self, peer_id: str) -> bool:
+        """True if a connection to peer_id is open."""
+        try:
+            pid = _parse_peer_id(peer_id)
+        except ProtocolError:
+            return False
+        return len(self._host.get_network().get_connections(pid)) > 0
+
+    def connected_peers(self) -> list[str]:
+        """Peer ids of every peer with an open connection."""
+        return [pid.to_base58() for pid in self._host.get_connected_peers()]
+
+    async def connect(self, peer_id: str, addrs: Sequence[str]) -> None:
+        """Connect to peer_id at addrs unless already connected (deadline connect_timeout).
+
+        Raises P2PTimeout when the deadline passes, PeerUnreachable when the dial fails,
+        ProtocolError for a bad peer id or address.
+        """
+        pid = _parse_peer_id(peer_id)
+        if peer_id == self.peer_id:
+            raise ProtocolError("cannot connect to ourselves")
+        maddrs = [_transport_addr(a, peer_id) for a in addrs]
+        if self.is_connected(peer_id):
+            return
+        if not maddrs:
+            raise PeerUnreachable(f"not connected to {peer_id} and no address to dial")
+        try:
+            with trio.fail_after(self._connect_timeout):
+                try:
+                    await self._host.connect(PeerInfo(pid, maddrs))
+                except BaseExceptionGroup as group:
+                    _unwrap_group(group)
+        except trio.TooSlowError:
+            raise P2PTimeout(
+                f"connect to {peer_id} timed out after {self._connect_timeout}s") from None
+        except GfspError:
+            raise
+        except Exception as exc:  # the boundary: any libp2p/transport failure means this
+            raise PeerUnreachable(f"cannot reach {peer_id} at {list(addrs)}: {exc!r}") from exc
+        if not self.is_connected(peer_id):
+            raise PeerUnreachable(f"cannot reach {peer_id} at {list(addrs)}")
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to peer_id (no-op if none)."""
+        pid = _parse_peer_id(peer_id)
+        try:
+            with trio.move_on_after(self._connect_timeout):
+                await self._host.disconnect(pid)
+        except BaseExceptionGroup as group:
+            log.debug("p2p: disconnect from %s: %r", peer_id, group)
+        except _IO_ERRORS as exc:
+            log.debug("p2p: disconnect from %s: %r", peer_id, exc)
+
+    # streams
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """Open a new stream for protocol to a connected peer (deadline connect_timeout).
+
+        PeerUnreachable if not connected, ProtocolError if the peer does not speak protocol,
+        P2PTimeout when the deadline passes.
+        """
+        pid = _parse_peer_id(peer_id)
+        if not self.is_connected(peer_id):
+            raise PeerUnreachable(f"not connected to {peer_id}")
+        raw = None
+        try:
+            with trio.fail_after(self._connect_timeout):
+                try:
+                    raw = await self._host.new_stream(pid, [TProtocol(protocol)])
+                except BaseExceptionGroup as group:
+                    _unwrap_group(group)
+        except trio.TooSlowError:
+            raise P2PTimeout(
+                f"opening {protocol} to {peer_id} timed out "
+                f"after {self._connect_timeout}s") from None
+        except GfspError:
+            raise
+        except Exception as exc:  # the boundary: map whatever libp2p raised
+            if self.is_connected(peer_id):
+                raise ProtocolError(
+                    f"peer {peer_id} refused protocol {protocol}: {exc!r}") from exc
+            raise PeerUnreachable(
+                f"connection to {peer_id} lost opening {protocol}: {exc!r}") from exc
+        try:
+            return Stream._from_raw(raw, protocol)
+        except ProtocolError:
+            await _quietly("stream reset", raw.reset)
+            raise
+
+    async def request(self, peer_id: str, addrs: Sequence[str], protocol: str, frame: bytes,
+                      *, max_response: int, timeout: float) -> bytes:
+        """One request frame, one response frame on a new stream; the whole under timeout.
+
+        Connects if needed. Raises P2PTimeout (the deadline passed: a frozen peer is never
+        noticed by libp2p, pitfall 5), PeerUnreachable, StreamClosed, FrameTooLarge or
+        ProtocolError. The stream is reset on any failure.
+        """
+        stream: Stream | None = None
+        try:
+            with trio.fail_after(timeout):
+                await self.connect(peer_id, addrs)
+                stream = await self.open_stream(peer_id, protocol)
+                await stream.write_frame(frame)
+                response = await stream.read_frame(max_response)
+                await stream.close()
+                return response
+        except trio.TooSlowError:
+            if stream is not None:
+                await stream.reset()
+            raise P2PTimeout(
+                f"{protocol} request to {peer_id} timed out after {timeout}s") from None
+        except BaseException:
+            if stream is not None:
+                await stream.reset()
+            raise
+
+    # handlers
+
+    def _wrap_handler(self, protocol: str, handler: Handler) -> Callable[[Any], Awaitable[None]]:
+        """Guard a handler: its failure resets only its stream, never the host (pitfall 2)."""
+
+        async def guarded(raw: Any) -> None:
+            if self._closing:
+                await _quietly("stream reset", raw.reset)
+                return
+            with trio.CancelScope() as scope:
+                self._handler_scopes.add(scope)
+                try:
+                    await self._serve(protocol, handler, raw)
+                finally:
+                    self._handler_scopes.discard(scope)
+
+        return guarded
+
+    async def _serve(self, protocol: str, handler: Handler, raw: Any) -> None:
+        try:
+            stream = Stream._from_raw(raw, protocol)
+        except ProtocolError as exc:
+            log.info("p2p: refused an inbound %s stream: %s", protocol, exc)
+            await _quietly("stream reset", raw.reset)
+            return
+        try:
+            await handler(stream)
+        except P2PError as exc:
+            log.debug("p2p: %s handler for %s: %s", protocol, stream.remote_peer_id, exc)
+            await stream.reset()
+            return
+        except Exception:  # a guard for handler bugs: logged with traceback, stream reset
+            log.info("p2p: %s handler for %s failed", protocol, stream.remote_peer_id,
+                     exc_info=True)
+            await stream.reset()
+            return
+        except BaseException:
+            await stream.reset()
+            raise
+        await _quietly("stream close", stream.close)
+
+    def _cancel_handlers(self) -> None:
+        self._closing = True
+        for scope in list(self._handler_scopes):
+            scope.cancel()
+
+
+def _quiet_libp2p_logs() -> None:
+    """libp2p loggers at WARNING (pitfall 10); its root-logger chatter below ERROR dropped."""
+    logging.getLogger("libp2p").setLevel(logging.WARNING)
+    root = logging.getLogger()
+    if not any(isinstance(f, _Libp2pRootFilter) for f in root.filters):
+        root.addFilter(_Libp2pRootFilter())
+
+
+class _Libp2pRootFilter(logging.Filter):
+    """Drops records libp2p logs directly on the root logger (``logging.warning(...)``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        return record.levelno >= logging.ERROR or "/libp2p/" not in path
+
+
+def _key_pair(key: PrivateKey) -> KeyPair:
+    sk = nacl.signing.SigningKey(key.seed_bytes())
+    return KeyPair(Ed25519PrivateKey(sk), Ed25519PublicKey(sk.verify_key))
+
+
+@asynccontextmanager
+async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
+                    handlers: Mapping[str, Handler]) -> AsyncIterator[P2PHost]:
+    """Run a libp2p host with ``key`` as identity, listening on ``listen``; yield it.
+
+    Noise only, Yamux only, one connection per peer. Each ``handlers`` entry maps a protocol
+    id to an async function taking a :class:`Stream`; it runs guarded (an exception resets
+    only its stream; after it returns the stream is closed). On the way out every handler is
+    cancelled and the host (listener included) is closed. Errors raised by the body come out
+    unwrapped from libp2p's exception groups.
+    """
+    if not (connect_timeout > 0 and math.isfinite(connect_timeout)):
+        raise ValueError("connect_timeout must be a positive number of seconds")
+    _quiet_libp2p_logs()
+    listen_maddr = _parse_multiaddr(listen)
+    key_pair = _key_pair(key)
+    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    try:
+        host = new_host(
+            key_pair=key_pair,
+            sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            listen_addrs=[listen_maddr],
+            connection_config=ConnectionConfig(max_connections_per_peer=1),
+        )
+    except (BaseLibp2pError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"cannot create a host for {listen!r}: {exc}") from exc
+    p2p = P2PHost(host, connect_timeout=connect_timeout)
+    for protocol, handler in handlers.items():
+        host.set_stream_handler(TProtocol(protocol), p2p._wrap_handler(protocol, handler))
+
+    started = False
+    try:
+        async with host.run(listen_addrs=[listen_maddr]):
+            try:
+                if not host.get_transport_addrs():
+                    raise P2PError(f"host is not listening on {listen}")
+                started = True
+                yield p2p
+            finally:
+                p2p._cancel_handlers()
+                with trio.move_on_after(_HOST_CLOSE_TIMEOUT) as scope:
+                    scope.shield = True
+                    try:
+                        await host.close()
+                    except BaseExceptionGroup as group:
+                        log.debug("p2p: closing the host: %r", group)
+                    except _IO_ERRORS as exc:
+                        log.debug("p2p: closing the host: %r", exc)
+                if scope.cancelled_caught:
+                    log.warning("p2p: closing the host took more than %ss", _HOST_CLOSE_TIMEOUT)
+    except BaseExceptionGroup as group:
+        _unwrap_group(group)
+    except GfspError:
+        raise
+    except Exception as exc:
+        if started and not isinstance(exc, BaseLibp2pError):
+            raise  # the body's own exception
+        raise P2PError(f"cannot listen on {listen}: {exc!r}") from exc
