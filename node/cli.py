@@ -15,13 +15,15 @@ from pathlib import Path
 import trio
 
 from node.app import ModularFailed, Node
-from node.config import Config, NodeSection, load_config, render_config
+from node.config import ChainSection, Config, NodeSection, load_config, render_config
 from node.crypto import create_keys
 from node.errors import ConfigError, DBError, KeyFileError, ModularStartError
 from node.log import setup_logging
+from node.spregistry import StaticSPRegistry, sp_info_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 CONFIG_NAME = "config.toml"
+REGISTRY_NAME = "registry.json"
 
 log = logging.getLogger("gfsp.cli")
 
@@ -33,13 +35,17 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"gfsp-node: {config_path} already exists; refusing to overwrite", file=sys.stderr)
         return EXIT_USAGE
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = Config(node=NodeSection(name=args.name or folder.resolve().name))
+    cfg = Config(node=NodeSection(name=args.name or folder.resolve().name),
+                 chain=ChainSection(registry_file=REGISTRY_NAME))
     try:
         keys = create_keys(folder / "keys", passphrase=args.seed)
     except KeyFileError as exc:
         print(f"gfsp-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     (folder / "data").mkdir(exist_ok=True)
+    # Until a chain is configured, the node's SP registry is a file listing itself.
+    StaticSPRegistry.of([sp_info_of(keys, endpoint=f"http://{cfg.gater.listen}")]).to_file(
+        folder / REGISTRY_NAME)
     config_path.write_text(render_config(cfg))
     print(f"initialised {folder}: config {config_path}, operator {keys.operator.address}")
     return EXIT_OK

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from node.crypto import KeySet
 from node.errors import ConfigError
 
 IN_SERVICE = "IN_SERVICE"
@@ -51,6 +52,18 @@ class SPInfo:
                    approval_key=bytes.fromhex(d["approval_key"]),
                    seal_key=bytes.fromhex(d["seal_key"]), gc_key=bytes.fromhex(d["gc_key"]),
                    status=d.get("status", IN_SERVICE))
+
+
+def sp_info_of(keys: KeySet, *, endpoint: str, p2p_addrs: tuple[str, ...] = (),
+               peer_id: str | None = None) -> SPInfo:
+    """The registry entry of an SP holding ``keys`` (peer id derived from its p2p key)."""
+    if peer_id is None:
+        from p2p.host import peer_id_from_public_key  # the one module that knows libp2p ids
+        peer_id = peer_id_from_public_key(keys.p2p.public_key)
+    return SPInfo(operator=keys.operator.address, endpoint=endpoint, peer_id=peer_id,
+                  p2p_addrs=p2p_addrs, operator_key=keys.operator.public_key,
+                  approval_key=keys.approval.public_key, seal_key=keys.seal.public_key,
+                  gc_key=keys.gc.public_key)
 
 
 class SPRegistry(Protocol):

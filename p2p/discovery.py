@@ -1,0 +1,189 @@
+"""Signed ping/pong discovery on ``/gfsp/ping/1.0.0`` with peer exchange (ARCHITECTURE §5).
+
+Every ``ping_interval`` each known peer is pinged and the pong read on the same stream. A
+ping or pong counts only if its signer is the registry's operator for that peer id, the peer id
+is the Noise-authenticated remote, its timestamp is within ``max_clock_skew`` and its nonce is
+new. Peers named in a pong are candidates (checked against the registry, then pinged at once);
+a peer that misses ``evict_after`` pongs in a row is evicted and re-probed every
+``evict_after`` rounds, trusted again as soon as it answers (or pings us).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import trio
+
+from node.config import P2PSection
+from node.spregistry import SPInfo, SPRegistry
+from p2p.guard import ReplayGuard
+from p2p.host import P2PError, P2PHost, Stream, parse_bootstrap
+from p2p.messages import (
+    MAX_ADDRS,
+    MAX_PEERS,
+    PING_PROTOCOL,
+    InvalidMessage,
+    PeerInfo,
+    Ping,
+    Pong,
+    decode,
+    encode,
+    new_nonce,
+    verify,
+)
+from p2p.peers import CANDIDATE, EVICTED, TRUSTED, PeerRecord, PeerTable
+
+log = logging.getLogger("gfsp.p2p.discovery")
+
+
+class Discovery:
+    def __init__(self, *, host: P2PHost, table: PeerTable, registry: SPRegistry, signer: Any,
+                 config: P2PSection, operator: str, guard: ReplayGuard,
+                 reserve: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+        self.host = host
+        self.table = table
+        self.registry = registry
+        self.signer = signer
+        self.cfg = config
+        self.operator = operator
+        self.guard = guard
+        self.reserve = reserve
+        self.rounds = 0
+        self._nursery: trio.Nursery | None = None
+        self._pinging: set[str] = set()
+
+    # --- the responder ------------------------------------------------------------------
+
+    async def handle_ping(self, stream: Stream) -> None:
+        """Answer a valid Ping with a signed Pong; anything invalid raises (stream reset)."""
+        with trio.fail_after(self.cfg.ping_timeout):
+            ping = decode(await stream.read_frame(self.cfg.max_ping_frame), Ping)
+            if ping.peer_id != stream.remote_peer_id:
+                raise InvalidMessage("ping: peer_id is not the authenticated remote")
+            sp = await self._registered(ping.operator, ping.peer_id, "ping")
+            verify(ping, sp.operator_key)
+            self.guard.check(ping.operator, ping.nonce, ping.ts, "ping")
+            await stream.write_frame(encode(self._pong(ping)))
+            await stream.close()
+        await self.table.mark_alive(ping.peer_id, ping.operator, ping.addrs)
+
+    def _pong(self, ping: Ping) -> Pong:
+        pong = Pong(operator=self.operator, peer_id=self.host.peer_id,
+                    addrs=tuple(self.host.listen_addrs[:MAX_ADDRS]), ts=self.guard.now_ms(),
+                    nonce=new_nonce(), ping_nonce=ping.nonce,
+                    peers=self.exchange(exclude=ping.peer_id))
+        return dataclasses.replace(pong, sig=self.signer.sign_p2p_pong_msg(pong))
+
+    def exchange(self, *, exclude: str = "") -> tuple[PeerInfo, ...]:
+        """Up to 64 trusted peers for peer exchange (most recently seen first)."""
+        peers = sorted(self.table.trusted(), key=lambda p: -p.last_seen)
+        return tuple(PeerInfo(p.peer_id, p.operator, p.addrs[:MAX_ADDRS])
+                     for p in peers if p.peer_id != exclude and p.operator)[:MAX_PEERS]
+
+    async def _registered(self, operator: str, peer_id: str, what: str) -> SPInfo:
+        sp = await self.registry.sp_by_operator(operator)
+        if sp is None or not sp.in_service:
+            raise InvalidMessage(f"{what}: {operator} is not a registered SP in service")
+        if sp.peer_id != peer_id:
+            raise InvalidMessage(f"{what}: peer id {peer_id} is not {operator}'s registered one")
+        return sp
+
+    # --- the asker ----------------------------------------------------------------------
+
+    async def ping_peer(self, peer_id: str) -> bool:
+        """Ping one peer; True when a valid pong came back. Updates the table either way."""
+        rec = self.table.get(peer_id)
+        if rec is None or peer_id in self._pinging:
+            return False
+        self._pinging.add(peer_id)
+        try:
+            with self.reserve():
+                return await self._ping(rec)
+        finally:
+            self._pinging.discard(peer_id)
+
+    async def _ping(self, rec: PeerRecord) -> bool:
+        ping = Ping(operator=self.operator, peer_id=self.host.peer_id,
+                    addrs=tuple(self.host.listen_addrs[:MAX_ADDRS]), ts=self.guard.now_ms(),
+                    nonce=new_nonce())
+        ping = dataclasses.replace(ping, sig=self.signer.sign_p2p_ping_msg(ping))
+        started = trio.current_time()
+        try:
+            addrs = rec.addrs or await self._registry_addrs(rec.peer_id)
+            data = await self.host.request(rec.peer_id, addrs, PING_PROTOCOL, encode(ping),
+                                           max_response=self.cfg.max_ping_frame,
+                                           timeout=self.cfg.ping_timeout)
+            pong = decode(data, Pong)
+            if pong.peer_id != rec.peer_id or pong.ping_nonce != ping.nonce:
+                raise InvalidMessage("pong: answers another peer or another ping")
+            sp = await self._registered(pong.operator, rec.peer_id, "pong")
+            verify(pong, sp.operator_key)
+            self.guard.check(pong.operator, pong.nonce, pong.ts, "pong")
+        except (P2PError, InvalidMessage) as exc:
+            after = await self.table.mark_missed(rec.peer_id, self.cfg.evict_after)
+            log.debug("ping %s failed (%s): %s", rec.peer_id, type(exc).__name__, exc)
+            if after is not None and after.state == EVICTED and rec.state != EVICTED:
+                log.info("evicted peer %s after %d missed pongs", rec.peer_id, after.missed)
+            return False
+        if rec.state != TRUSTED:
+            log.info("peer %s (%s) is alive", rec.peer_id, pong.operator)
+        await self.table.mark_alive(rec.peer_id, pong.operator, pong.addrs,
+                                    rtt=trio.current_time() - started)
+        for peer in pong.peers:
+            await self._learn(peer)
+        return True
+
+    async def _registry_addrs(self, peer_id: str) -> tuple[str, ...]:
+        sp = await self.registry.sp_by_peer_id(peer_id)
+        return sp.p2p_addrs if sp else ()
+
+    async def _learn(self, peer: PeerInfo) -> None:
+        """A peer named in a pong: a candidate if the registry agrees; pinged right away."""
+        if peer.peer_id == self.host.peer_id or self.table.get(peer.peer_id) is not None:
+            return
+        sp = await self.registry.sp_by_operator(peer.operator)
+        if sp is None or sp.peer_id != peer.peer_id or not sp.in_service:
+            return
+        if await self.table.put(PeerRecord(peer.peer_id, peer.operator,
+                                           peer.addrs or sp.p2p_addrs, CANDIDATE)):
+            if self._nursery is not None:
+                self._nursery.start_soon(self.ping_peer, peer.peer_id)
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def add_bootstrap(self) -> None:
+        for entry in self.cfg.bootstrap:
+            peer_id, addrs = parse_bootstrap(entry)
+            old = self.table.get(peer_id)
+            rec = (dataclasses.replace(old, bootstrap=True, addrs=old.addrs or tuple(addrs))
+                   if old else PeerRecord(peer_id, addrs=tuple(addrs), bootstrap=True))
+            await self.table.put(rec)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        await self.table.load()
+        await self.add_bootstrap()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                started = trio.current_time()
+                await self.ping_round()
+                await trio.sleep_until(started + self.cfg.ping_interval)
+
+    async def ping_round(self) -> None:
+        """Ping every known peer once (evicted ones every ``evict_after`` rounds), together."""
+        reprobe = self.rounds % self.cfg.evict_after == 0
+        async with trio.open_nursery() as nursery:
+            for rec in self.table.all():
+                if rec.state != EVICTED or reprobe:
+                    nursery.start_soon(self.ping_peer, rec.peer_id)
+        self.rounds += 1
+
+    def handle_query_bootstrap(self) -> list[str]:
+        """The seed's HandleQueryBootstrap: known peers as ``<peer id>@<multiaddr>``."""
+        return [f"{p.peer_id}@{p.addrs[0]}" for p in self.table.trusted() if p.addrs]
