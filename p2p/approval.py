@@ -27,7 +27,7 @@ from node.errors import GfspError
 from node.spregistry import SPRegistry
 from node.tasks import ReplicatePieceApprovalTask, Task
 from p2p.guard import ReplayGuard
-from p2p.host import P2PError, P2PHost, Stream
+from p2p.host import FrameTooLarge, P2PError, P2PHost, Stream
 from p2p.messages import (
     APPROVAL_PROTOCOL,
     ApprovalRequest,
@@ -138,6 +138,11 @@ class ApprovalService:
             data = await self.host.request(peer_id, addrs, APPROVAL_PROTOCOL, frame,
                                            max_response=self.cfg.max_approval_frame,
                                            timeout=min(timeout, self.cfg.request_timeout))
+        except FrameTooLarge as exc:
+            pending.discard(peer_id)
+            counts.invalid += 1
+            counts.reasons[peer_id] = f"invalid: {exc}"
+            return
         except P2PError as exc:
             pending.discard(peer_id)
             counts.silent += 1

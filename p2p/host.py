@@ -143,8 +143,14 @@ def _parse_peer_id(peer_id: str) -> ID:
         pid = ID.from_base58(peer_id)
     except (ValueError, TypeError, BaseLibp2pError) as exc:
         raise ProtocolError(f"invalid peer id {peer_id!r}: {exc}") from exc
-    if pid.to_base58() != peer_id or len(pid.to_bytes()) < 4:
-        raise ProtocolError(f"invalid peer id {peer_id!r}")
+    raw = pid.to_bytes()
+    # a multihash: identity (0x00) of an inlined key, or sha2-256 (0x12) of 32 bytes
+    valid_multihash = len(raw) >= 3 and (
+        (raw[0] == 0x00 and raw[1] == len(raw) - 2)
+        or (raw[0] == 0x12 and raw[1] == 32 and len(raw) == 34)
+    )
+    if pid.to_base58() != peer_id or not valid_multihash:
+        raise ProtocolError(f"invalid peer id {peer_id!r}: not a multihash")
     return pid
 
 
@@ -403,7 +409,7 @@ class P2PHost:
         except trio.TooSlowError:
             raise P2PTimeout(
                 f"connect to {peer_id} timed out after {self._connect_timeout}s") from None
-        except GfspError:
+        except (PeerUnreachable, P2PTimeout, ProtocolError):
             raise
         except Exception as exc:  # the boundary: any libp2p/transport failure means this
             raise PeerUnreachable(f"cannot reach {peer_id} at {list(addrs)}: {exc!r}") from exc
@@ -443,12 +449,13 @@ class P2PHost:
             raise P2PTimeout(
                 f"opening {protocol} to {peer_id} timed out "
                 f"after {self._connect_timeout}s") from None
-        except GfspError:
+        except (PeerUnreachable, P2PTimeout, ProtocolError):
             raise
         except Exception as exc:  # the boundary: map whatever libp2p raised
             if self.is_connected(peer_id):
+                cause = exc.__cause__ or exc
                 raise ProtocolError(
-                    f"peer {peer_id} refused protocol {protocol}: {exc!r}") from exc
+                    f"peer {peer_id} refused protocol {protocol}: {cause}") from exc
             raise PeerUnreachable(
                 f"connection to {peer_id} lost opening {protocol}: {exc!r}") from exc
         try:
@@ -458,7 +465,8 @@ class P2PHost:
             raise
 
     async def request(self, peer_id: str, addrs: Sequence[str], protocol: str, frame: bytes,
-                      *, max_response: int, timeout: float) -> bytes:
+                      *, max_response: int,
+                      timeout: float) -> bytes:
         """One request frame, one response frame on a new stream; the whole under timeout.
 
         Connects if needed. Raises P2PTimeout (the deadline passed: a frozen peer is never
@@ -466,6 +474,7 @@ class P2PHost:
         ProtocolError. The stream is reset on any failure.
         """
         stream: Stream | None = None
+        deadline = trio.current_time() + timeout
         try:
             with trio.fail_after(timeout):
                 await self.connect(peer_id, addrs)
@@ -479,6 +488,14 @@ class P2PHost:
                 await stream.reset()
             raise P2PTimeout(
                 f"{protocol} request to {peer_id} timed out after {timeout}s") from None
+        except P2PError as exc:
+            if stream is not None:
+                await stream.reset()
+            if not isinstance(exc, P2PTimeout) and trio.current_time() >= deadline:
+                # libp2p turned our deadline's Cancelled into a failure of its own
+                raise P2PTimeout(
+                    f"{protocol} request to {peer_id} timed out after {timeout}s") from exc
+            raise
         except BaseException:
             if stream is not None:
                 await stream.reset()
@@ -532,8 +549,19 @@ class P2PHost:
 
 
 def _quiet_libp2p_logs() -> None:
-    """libp2p loggers at WARNING (pitfall 10); its root-logger chatter below ERROR dropped."""
+    """libp2p loggers at WARNING (pitfall 10); its root-logger chatter below ERROR dropped.
+
+    Idempotent; these are process-wide logging settings, not state of ours.
+    """
     logging.getLogger("libp2p").setLevel(logging.WARNING)
+    # some modules pin their own logger below WARNING (auto_connector: INFO every 10 s)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("libp2p."):
+            logger = logging.getLogger(name)
+            if logging.NOTSET < logger.level < logging.WARNING:
+                logger.setLevel(logging.WARNING)
+    # basic_host logs a 7-line ERROR for a refused protocol, which we map and log ourselves.
+    logging.getLogger("libp2p.host.basic_host").setLevel(logging.CRITICAL)
     root = logging.getLogger()
     if not any(isinstance(f, _Libp2pRootFilter) for f in root.filters):
         root.addFilter(_Libp2pRootFilter())
