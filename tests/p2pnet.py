@@ -99,7 +99,7 @@ class RunningNode:
         self.done = trio.Event()
 
     @property
-    def p2p(self):  # noqa: ANN201 - the P2PModular
+    def p2p(self):
         assert self.node.ctx is not None
         return self.node.ctx.modulars.p2p
 
@@ -126,8 +126,11 @@ async def start_nodes(nursery: trio.Nursery, sps: list[SPDir]) -> list[RunningNo
 
 
 async def wait_until(cond: Callable[[], bool], *, poll: float = 0.02) -> None:
-    """Poll a condition on the event loop (bounded by the caller's fail_after)."""
-    while not cond():
+    """Poll a condition on the event loop (bounded by the caller's fail_after).
+
+    Polling, not an event: the state watched spans several nodes (or processes' SPDB files).
+    """
+    while not cond():  # noqa: ASYNC110
         await trio.sleep(poll)
 
 
@@ -144,7 +147,7 @@ def node_command(sp: SPDir) -> list[str]:
 Handler = Callable[[Stream], Awaitable[None]]
 
 
-async def open_fake_sp(sp: SPDir, handlers: dict[str, Handler]):  # noqa: ANN201
+async def open_fake_sp(sp: SPDir, handlers: dict[str, Handler]):
     """A real libp2p host with ``sp``'s p2p key and the given protocol handlers."""
     return open_host(sp.keys.p2p, sp.addr, connect_timeout=2.0, handlers=handlers)
 

@@ -86,7 +86,7 @@ class FakeSP:
         self.requests.append(req)
         await self.behaviour(self, stream, req)
 
-    def host(self):  # noqa: ANN201
+    def host(self):
         return open_host(self.sp.keys.p2p, self.sp.addr, connect_timeout=2.0,
                          handlers={PING_PROTOCOL: self.handle_ping,
                                    APPROVAL_PROTOCOL: self.handle_approval})
@@ -259,7 +259,6 @@ async def test_hostile_answers_are_dropped_and_counted(tmp_path):
     fakes: list[Behaviour] = [slow, wrong_key, unregistered, expired, wrong_nonce, oversized,
                               twice, refuse]
     async with trio.open_nursery() as nursery:
-        sps = None
         sps, nodes, fake_sps = await cluster(nursery, tmp_path, honest=2, fakes=fakes)
         t0 = trio.current_time()
         with trio.fail_after(TIMEOUT + MARGIN):
@@ -364,7 +363,7 @@ def _params():
 
 async def test_a_replayed_pong_counts_as_a_missed_pong(tmp_path):
     async with trio.open_nursery() as nursery:
-        sps, nodes, fake_sps = await cluster(nursery, tmp_path, honest=0, fakes=[approve])
+        _, nodes, fake_sps = await cluster(nursery, tmp_path, honest=0, fakes=[approve])
         fake = fake_sps[0]
         asker = nodes[0].p2p
         fake.replay_pong = True
