@@ -125,14 +125,14 @@ class Node:
                 async with trio.open_nursery() as nursery:
                     await self._start_all(nursery, ctx, modulars)
                     log.info("node %s ready: %s", self.config.node.name, ", ".join(self.order))
-                    self.notifier.notify("READY=1")
+                    self._notify("READY=1")
                     task_status.started()
                     if self.notifier.watchdog_interval:
                         nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
                     if self.handle_signals:
                         nursery.start_soon(self._signals)
                     await self._stop_requested.wait()
-                    self.notifier.notify("STOPPING=1")
+                    self._notify("STOPPING=1")
                     log.info("stopping: draining for up to %.1fs", self.config.node.grace_period)
                     await self._drain(modulars)
                     nursery.cancel_scope.cancel()
@@ -178,9 +178,16 @@ class Node:
         if scope.cancelled_caught:
             log.warning("grace period over; cancelling in-flight work")
 
+    def _notify(self, state: str) -> None:
+        """sd_notify; an unreachable NOTIFY_SOCKET is logged, never fatal to the node."""
+        try:
+            self.notifier.notify(state)
+        except OSError as exc:
+            log.warning("cannot send %s to NOTIFY_SOCKET: %s", state, exc)
+
     async def _watchdog(self, interval: float) -> None:
         while True:
-            self.notifier.notify("WATCHDOG=1")
+            self._notify("WATCHDOG=1")
             await trio.sleep(interval)
 
     async def _signals(self) -> None:

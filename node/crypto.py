@@ -108,14 +108,12 @@ def pack(obj: Any) -> bytes:
 
 def unpack(data: bytes, *, max_len: int | None = None) -> Any:
     """Decode msgpack strictly: no ext types, no floats smuggled as ints, str keys only."""
+    if max_len is not None and len(data) > max_len:
+        raise SignatureError(f"msgpack data has {len(data)} bytes, more than {max_len}")
     try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_buffer_size=max_len or 0,
-        )
+        # (unpackb has no max_buffer_size: that is an Unpacker option; the length is checked
+        # above.)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError,
             TypeError) as exc:
         raise SignatureError(f"undecodable msgpack: {exc}") from exc
