@@ -123,14 +123,14 @@ class Node:
             self.order = start_order(modulars)
             try:
                 async with trio.open_nursery() as nursery:
+                    if self.handle_signals:  # before starting: SIGTERM mid-start is graceful
+                        await nursery.start(self._signals)
                     await self._start_all(nursery, ctx, modulars)
                     log.info("node %s ready: %s", self.config.node.name, ", ".join(self.order))
                     self._notify("READY=1")
                     task_status.started()
                     if self.notifier.watchdog_interval:
                         nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
-                    if self.handle_signals:
-                        nursery.start_soon(self._signals)
                     await self._stop_requested.wait()
                     self._notify("STOPPING=1")
                     log.info("stopping: draining for up to %.1fs", self.config.node.grace_period)
@@ -190,8 +190,10 @@ class Node:
             self._notify("WATCHDOG=1")
             await trio.sleep(interval)
 
-    async def _signals(self) -> None:
+    async def _signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                       ) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
                 self.request_stop()

@@ -69,6 +69,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ModularStartError, ModularFailed, DBError) as exc:
         print(f"gfsp-node: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # e.g. a data folder that cannot be created
+        print(f"gfsp-node: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK
     log.info("stopped")

@@ -157,7 +157,8 @@ def check_shape(message: Mapping[str, Any], schema: Iterable[tuple[str, type | t
         raise SignatureError(f"{what}: keys {keys} differ from {names}")
     for name, typ in schema:
         value = message[name]
-        if isinstance(value, bool) and typ is int:
+        if isinstance(value, bool) and (typ is int or (
+                isinstance(typ, tuple) and int in typ and bool not in typ)):
             raise SignatureError(f"{what}: {name} must be int, got bool")
         if not isinstance(value, typ):
             raise SignatureError(f"{what}: {name} has type {type(value).__name__}")
