@@ -25,7 +25,7 @@ import trio
 from node.config import P2PSection
 from node.errors import GfspError
 from node.spregistry import SPRegistry
-from node.tasks import ReplicatePieceApprovalTask, Task
+from node.tasks import ObjectInfo, ReplicatePieceApprovalTask, StorageParams, Task
 from p2p.guard import ReplayGuard
 from p2p.host import FrameTooLarge, P2PError, P2PHost, Stream
 from p2p.messages import (
@@ -76,6 +76,17 @@ def request_from_task(task: ReplicatePieceApprovalTask, asker: str) -> ApprovalR
         object=ObjectRef(obj.id, obj.bucket, obj.name, obj.size, tuple(obj.checksums)),
         params=Params(params.segment_size, params.data_shards, params.parity_shards),
         asker=asker, ts=0, nonce=new_nonce())
+
+
+def task_from_request(req: ApprovalRequest, expiry_height: int) -> ReplicatePieceApprovalTask:
+    """The seed's ApprovalReplicatePieceTask for a request, as the approver modular sees it."""
+    o, p = req.object, req.params
+    return ReplicatePieceApprovalTask(
+        object=ObjectInfo(id=o.id, bucket=o.bucket, name=o.name, owner="", size=o.size,
+                          checksums=tuple(o.checksums)),
+        params=StorageParams(segment_size=p.segment_size, data_shards=p.data_shards,
+                             parity_shards=p.parity_shards, max_payload=max(o.size, 1)),
+        expiry_height=expiry_height, user_address=req.asker)
 
 
 class ApprovalService:

@@ -16,11 +16,11 @@ from contextlib import AbstractContextManager
 
 import trio
 
-from node.errors import ConfigError, ResourceLimitExceeded
+from node.errors import ConfigError, GfspError, ResourceLimitExceeded
 from node.modular import ModularBase, NodeContext
 from node.spregistry import SPRegistry
 from node.tasks import ReplicatePieceApprovalTask, Task
-from p2p.approval import ApprovalService
+from p2p.approval import ApprovalService, task_from_request
 from p2p.discovery import Discovery
 from p2p.guard import ReplayGuard
 from p2p.host import P2PHost, Stream, open_host
@@ -126,15 +126,22 @@ class P2PModular(ModularBase):
     # --- the responder's decision ---------------------------------------------------------
 
     async def _decide(self, req: ApprovalRequest) -> tuple[bool, str, int]:
-        """Ask the approver modular when it runs; else :meth:`default_policy`."""
+        """The approver modular's pre/handle/post when it runs; else :meth:`default_policy`."""
         height = await self.registry.current_height()
         expiry = height + self.ctx.config.approver.replicate_approval_blocks
-        if self.ctx.modulars.is_running("approver"):
-            approver = self.ctx.modulars.approver
-            approved, reason = await approver.decide_replicate_piece_approval(req)
+        if not self.ctx.modulars.is_running("approver"):
+            approved, reason = self.default_policy(req)
             return approved, reason, expiry
-        approved, reason = self.default_policy(req)
-        return approved, reason, expiry
+        approver = self.ctx.modulars.approver
+        task = task_from_request(req, expiry)
+        try:
+            await approver.pre_replicate_piece_approval(task)
+            approved = await approver.handle_replicate_piece_approval(task)
+        except GfspError as exc:
+            return False, str(exc), expiry
+        finally:
+            approver.post_replicate_piece_approval(task)
+        return approved, "" if approved else (task.error or "refused by policy"), expiry
 
     def default_policy(self, req: ApprovalRequest) -> tuple[bool, str]:
         """Approve while the limiter and free disk allow receiving this object's pieces."""

@@ -14,7 +14,15 @@ from pathlib import Path
 import trio
 
 from node.app import Node
-from node.config import ChainSection, Config, NodeSection, P2PSection, load_config, render_config
+from node.config import (
+    ChainSection,
+    Config,
+    ModularsSection,
+    NodeSection,
+    P2PSection,
+    load_config,
+    render_config,
+)
 from node.crypto import KeySet, PrivateKey, create_keys
 from node.spregistry import SPInfo, StaticSPRegistry, sp_info_of
 from p2p.host import P2PHost, Stream, open_host, peer_id_from_public_key
@@ -66,7 +74,8 @@ class SPDir:
 
 def make_sps(root: Path, n: int, *, p2p: dict[str, object] | None = None,
              bootstrap: Callable[[int, list[SPDir]], list[str]] | None = None,
-             extra: list[SPInfo] = (), tag: str = "sp") -> list[SPDir]:
+             extra: list[SPInfo] = (), tag: str = "sp",
+             implementations: Callable[[int], dict[str, str]] | None = None) -> list[SPDir]:
     """``n`` SP folders with keys, configs and one shared registry file (plus ``extra`` SPs).
 
     By default every SP but sp0 bootstraps from sp0 only.
@@ -84,7 +93,9 @@ def make_sps(root: Path, n: int, *, p2p: dict[str, object] | None = None,
             [] if sp.index == 0 else [sps[0].bootstrap_entry])
         p2p_cfg = dataclasses.replace(P2PSection(), listen=sp.addr, bootstrap=boot,
                                       **(p2p or {}))
+        impls = implementations(sp.index) if implementations else {}
         cfg = Config(node=NodeSection(name=sp.dir.name, grace_period=1.0),
+                     modulars=ModularsSection(implementations=impls),
                      p2p=p2p_cfg, chain=ChainSection(registry_file=str(root / REGISTRY)))
         sp.config_path.write_text(render_config(cfg))
     return sps

@@ -10,6 +10,7 @@ import dataclasses
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -149,10 +150,12 @@ def impersonating(victim: SPDir) -> Behaviour:
 # --- the harness ------------------------------------------------------------------------------
 
 
-async def cluster(nursery: trio.Nursery, tmp_path, honest: int, fakes: list[Behaviour]):
+async def cluster(nursery: trio.Nursery, tmp_path, honest: int, fakes: list[Behaviour],
+                  implementations=None):
     """sp0 (the asker) + ``honest`` nodes + fake SPs; sp0 bootstraps from every other SP."""
     n = 1 + honest + len(fakes)
     sps = make_sps(tmp_path, n, p2p={"ping_interval": 0.5, "ping_timeout": 0.5},
+                   implementations=implementations,
                    bootstrap=lambda i, all_: [s.bootstrap_entry for s in all_ if s.index != i]
                    if i == 0 else [all_[0].bootstrap_entry])
     fake_sps = [FakeSP(sp, b) for sp, b in zip(sps[1 + honest:], fakes, strict=True)]
@@ -375,4 +378,18 @@ async def test_a_replayed_pong_counts_as_a_missed_pong(tmp_path):
         with trio.fail_after(5):
             assert await asker.discovery.ping_peer(fake.sp.peer_id)
         assert asker.table.get(fake.sp.peer_id).missed == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_approver_modular_decides_when_it_runs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))
+    impl = {"approver": "gfsp_test_modulars:SizeCapApprover"}
+    async with trio.open_nursery() as nursery:
+        sps, nodes, _ = await cluster(nursery, tmp_path, honest=2, fakes=[],
+                                      implementations=lambda i: impl if i == 1 else {})
+        with trio.fail_after(TIMEOUT + MARGIN), pytest.raises(InsufficientApprovals) as info:
+            await nodes[0].p2p.handle_replicate_piece_approval(task(), 2, 2, TIMEOUT)
+        c = info.value.counts
+        assert (c.approved, c.refused) == (1, 1)
+        assert "over the 1 MiB cap" in c.reasons[sps[1].peer_id]
         nursery.cancel_scope.cancel()

@@ -105,3 +105,28 @@ class WrongName(ModularBase):
                     ) -> None:
         task_status.started()
         await trio.sleep_forever()
+
+
+class SizeCapApprover(ModularBase):
+    """An approver whose replicate-piece policy refuses objects over 1 MiB (p2p tests)."""
+
+    name = "approver"
+    requires = ("signer",)
+    CAP = 1 << 20
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def pre_replicate_piece_approval(self, task) -> None:
+        return None
+
+    async def handle_replicate_piece_approval(self, task) -> bool:
+        if task.object.size > self.CAP:
+            task.set_error(f"object of {task.object.size} bytes is over the 1 MiB cap")
+            return False
+        return True
+
+    def post_replicate_piece_approval(self, task) -> None:
+        return None
