@@ -133,7 +133,10 @@ class ApprovalService:
                                            nursery.cancel_scope, timeout)
         finally:
             self._tasks.pop(task.key, None)
-        counts.silent += len(pending) if len(approvals) < max_approvals else 0
+        if len(approvals) < max_approvals:
+            for peer_id in pending:
+                counts.reasons.setdefault(peer_id, f"silent: no answer within {timeout}s")
+            counts.silent += len(pending)
         result = list(approvals.values())[:max_approvals]
         log.info("approval quorum for %s: %d approved, %d refused, %d invalid, %d silent",
                  task.key, counts.approved, counts.refused, counts.invalid, counts.silent)

@@ -554,6 +554,13 @@ def _quiet_libp2p_logs() -> None:
     Idempotent; these are process-wide logging settings, not state of ours.
     """
     logging.getLogger("libp2p").setLevel(logging.WARNING)
+    # libp2p's own setup_logging() leaves "libp2p" with no handler and propagate=False: its
+    # records would bypass our formatter as bare lines on stderr.
+    logging.getLogger("libp2p").propagate = True
+    # dial and multiselect failures are mapped to P2PError and logged by us (else: once per
+    # ping round for every dead peer)
+    for name in ("libp2p.transport.tcp.tcp", "libp2p.protocol_muxer.multiselect_client"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     # some modules pin their own logger below WARNING (auto_connector: INFO every 10 s)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("libp2p."):
