@@ -242,7 +242,7 @@ class SPDB:
 
     # ------------------------------------------------------------------ trio side
 
-    async def _start(self) -> None:
+    async def _start(self, migrations: tuple[str, ...] | None = None) -> None:
         """Start the worker thread, open the connection and apply missing migrations."""
         self._token = trio.lowlevel.current_trio_token()
         self._thread = threading.Thread(
@@ -251,16 +251,17 @@ class SPDB:
         self._thread.start()
         try:
             await self._submit(self._connect, begin=None)
-            await self._migrate()
+            await self._migrate(migrations)
         except BaseException:
             await self.aclose()
             raise
 
-    async def _migrate(self) -> None:
+    async def _migrate(self, migrations: tuple[str, ...] | None = None) -> None:
         """Apply the migrations that ``PRAGMA user_version`` says are missing."""
         conn = self._conn
         assert conn is not None
-        migrations = MIGRATIONS  # read at call time, so tests can extend it
+        if migrations is None:
+            migrations = MIGRATIONS  # read at call time, so tests can extend it
         version = await self._submit(functools.partial(_read_user_version, conn), begin=None)
         if version > len(migrations):
             raise DBError(
@@ -458,13 +459,16 @@ def _apply_migration(conn: sqlite3.Connection, number: int, script: str) -> None
 
 @asynccontextmanager
 async def open_spdb(
-    path: Path, *, busy_timeout: float = 5.0, synchronous: str = "NORMAL"
+    path: Path, *, busy_timeout: float = 5.0, synchronous: str = "NORMAL",
+    migrations: tuple[str, ...] | None = None,
 ) -> AsyncIterator[SPDB]:
     """Open the SPDB at ``path`` (created if missing), apply migrations, and close it on exit.
 
     ``busy_timeout`` is how many seconds a statement waits for another process's lock;
     ``synchronous`` is SQLite's ``PRAGMA synchronous`` (OFF, NORMAL, FULL or EXTRA; NORMAL is
-    crash-safe in WAL mode, a power loss may lose the last transactions). Leaving the block, also
+    crash-safe in WAL mode, a power loss may lose the last transactions). ``migrations`` replaces
+    the node's schema (:data:`MIGRATIONS`, read at call time when None) by another store's own
+    numbered migrations (the devchain uses this). Leaving the block, also
     by exception or cancellation, stops the worker thread and closes the connection.
 
     Raises :class:`DBError` if the database cannot be opened or migrated.
@@ -477,7 +481,7 @@ async def open_spdb(
     if busy_timeout < 0:
         raise ValueError(f"busy_timeout must be >= 0, not {busy_timeout!r}")
     db = SPDB(Path(path), busy_timeout=busy_timeout, synchronous=mode)
-    await db._start()
+    await db._start(migrations)
     try:
         yield db
     finally:
