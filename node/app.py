@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from node.chain import ChainError, DevChainClient
 from node.config import Config, LimitValues
 from node.crypto import KeySet, load_keys
 from node.db import open_spdb
@@ -104,24 +105,42 @@ class Node:
 
     @asynccontextmanager
     async def _context(self):  # type: ignore[no-untyped-def]
+        """Shared services: keys, limiter, SPDB, and the chain (or a static SP registry)."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         keys = load_node_keys(cfg, self.env)
         limiter = build_limiter(cfg)
-        async with open_spdb(cfg.db_path, busy_timeout=cfg.db.busy_timeout,
-                             synchronous=cfg.db.synchronous) as db:
-            yield NodeContext(config=cfg, limiter=limiter, db=db, keys=keys,
-                              sp_registry=load_sp_registry(cfg))
+        static = load_sp_registry(cfg)
+        async with (open_spdb(cfg.db_path, busy_timeout=cfg.db.busy_timeout,
+                              synchronous=cfg.db.synchronous) as db,
+                    trio.open_nursery() as background):
+            chain: DevChainClient | None = None
+            if static is None:
+                chain = DevChainClient.from_config(cfg.chain)
+                try:
+                    await chain.fetch_height()
+                except ChainError as exc:
+                    await chain.aclose()
+                    raise ModularStartError("chain", exc) from None
+                await background.start(chain.run)
+            try:
+                yield NodeContext(config=cfg, limiter=limiter, db=db, keys=keys,
+                                  sp_registry=static or chain, chain=chain)
+            finally:
+                background.cancel_scope.cancel()
+                if chain is not None:
+                    with trio.CancelScope(shield=True):
+                        await chain.aclose()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Run until stopped. Raises ModularStartError / ModularFailed / ConfigError."""
         factories = resolve_factories(self.config)
-        async with self._context() as ctx:
-            self.ctx = ctx
-            modulars = build_modulars(ctx, factories)
-            self.order = start_order(modulars)
-            try:
+        try:
+            async with self._context() as ctx:
+                self.ctx = ctx
+                modulars = build_modulars(ctx, factories)
+                self.order = start_order(modulars)
                 async with trio.open_nursery() as nursery:
                     if self.handle_signals:  # before starting: SIGTERM mid-start is graceful
                         await nursery.start(self._signals)
@@ -136,8 +155,8 @@ class Node:
                     log.info("stopping: draining for up to %.1fs", self.config.node.grace_period)
                     await self._drain(modulars)
                     nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                raise _unwrap(group) from None
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
 
     async def _start_all(self, nursery: trio.Nursery, ctx: NodeContext,
                          modulars: Mapping[str, Modular]) -> None:

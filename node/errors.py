@@ -62,3 +62,45 @@ class DBError(GfspError):
 
 class TaskError(GfspError):
     """A task could not be decoded or is invalid."""
+
+
+class ServiceError(GfspError):
+    """A refusal meant for the user, with an S3-style ``code`` and the HTTP ``status``.
+
+    Modulars raise it (or a subclass) from pre_/handle_ methods; the gater turns it into an
+    S3-style XML error body with that status, so no modular knows about HTTP.
+    """
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class AccessDenied(ServiceError):
+    def __init__(self, message: str) -> None:
+        super().__init__("AccessDenied", message, 403)
+
+
+class NoSuchBucket(ServiceError):
+    def __init__(self, bucket: str) -> None:
+        super().__init__("NoSuchBucket", f"bucket {bucket!r} does not exist", 404)
+
+
+class NoSuchKey(ServiceError):
+    def __init__(self, bucket: str, name: str) -> None:
+        super().__init__("NoSuchKey", f"object {name!r} does not exist in bucket {bucket!r}", 404)
+
+
+class InvalidObjectState(ServiceError):
+    def __init__(self, message: str) -> None:
+        super().__init__("InvalidObjectState", message, 409)
+
+
+class ServiceUnavailable(ServiceError):
+    """Over a resource limit or a dependency is down: 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__("SlowDown", message, 503)
+        self.retry_after = retry_after

@@ -22,6 +22,7 @@ import trio
 from node.errors import NilModularError
 
 if TYPE_CHECKING:
+    from node.chain import ChainClient
     from node.config import Config
     from node.crypto import KeySet
     from node.db import SPDB
@@ -143,6 +144,7 @@ class NodeContext:
     db: SPDB
     keys: KeySet
     sp_registry: SPRegistry | None = None
+    chain: ChainClient | None = None
     modulars: Modulars = field(default_factory=Modulars)
     clock: Callable[[], float] = field(default=trio.current_time)
 
