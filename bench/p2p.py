@@ -338,6 +338,7 @@ class Counts:
     asks: int
     sizes: tuple[int, ...]
     warmup: int = 10
+    ping_interval: float = CONVERGENCE_PING_INTERVAL
 
 
 @dataclass
@@ -540,8 +541,7 @@ def _missing(sps: list[SPDir], conns: list[sqlite3.Connection], everyone: set[st
     return missing
 
 
-async def bench_convergence(root: Path, n: int, res: Results) -> None:
-    interval = CONVERGENCE_PING_INTERVAL
+async def bench_convergence(root: Path, n: int, res: Results, interval: float) -> None:
     sps = make_sps(root / f"conv{n}", n, p2p={"ping_interval": interval}, tag=f"c{n}-")
     everyone = {sp.peer_id for sp in sps}
     conns: list[sqlite3.Connection] = []
@@ -608,7 +608,7 @@ async def run_all(counts: Counts, root: Path, only_convergence: bool) -> Results
     ]
     for n in counts.sizes:
         sections.append((f"convergence of {n}",
-                         lambda n=n: bench_convergence(root, n, res)))  # type: ignore[misc]
+                         lambda n=n: bench_convergence(root, n, res, counts.ping_interval)))  # type: ignore[misc]
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             async def on_sigterm() -> None:
@@ -639,6 +639,9 @@ def _loadavg() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.p2p", description=__doc__.split("\n")[0])
+    parser.add_argument("--ping-interval", type=float,
+                        help=f"discovery period of the convergence runs (default "
+                             f"{CONVERGENCE_PING_INTERVAL:g} s)")
     parser.add_argument("--quick", action="store_true", help="small counts (a smoke check)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, SPs)")
     parser.add_argument("--sizes", help="convergence sizes, comma-separated (default 8,16,32;"
@@ -653,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     counts = (Counts(requests=50, pings=30, asks=20, sizes=(8,), warmup=5) if args.quick
               else Counts(requests=500, pings=300, asks=100, sizes=(8, 16, 32)))
+    if args.ping_interval:
+        counts.ping_interval = args.ping_interval
     if args.sizes:
         counts.sizes = tuple(int(x) for x in args.sizes.split(",") if x.strip())
     root = Path(tempfile.mkdtemp(prefix="gfsp-bench-p2p-"))
@@ -672,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
           f"loadavg before {load_before}, after {_loadavg()}")
     print_table(res.rows)
     print("ratio: to the echo-process request in the same run (median to median, p99 to p99);"
-          f" convergence rows: seconds / ping_interval ({CONVERGENCE_PING_INTERVAL:g} s).")
+          f" convergence rows: seconds / ping_interval ({counts.ping_interval:g} s).")
     print(f"rows 1-3: the responders are node processes (ping_interval {CLUSTER_PING_INTERVAL:g}"
           " s so that discovery stays quiet), the asker a node inside the bench process;"
           " quorum timeout"

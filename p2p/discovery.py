@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -53,6 +54,7 @@ class Discovery:
         self.guard = guard
         self.reserve = reserve
         self.rounds = 0
+        self._ping_slots = trio.CapacityLimiter(config.max_concurrent_pings)
         self._nursery: trio.Nursery | None = None
         self._pinging: set[str] = set()
 
@@ -69,7 +71,7 @@ class Discovery:
             self.guard.check(ping.operator, ping.nonce, ping.ts, "ping")
             await stream.write_frame(encode(self._pong(ping)))
             await stream.close()
-        await self.table.mark_alive(ping.peer_id, ping.operator, ping.addrs)
+        await self.table.mark_alive(ping.peer_id, ping.operator, ping.addrs, pinged_us=True)
 
     def _pong(self, ping: Ping) -> Pong:
         pong = Pong(operator=self.operator, peer_id=self.host.peer_id,
@@ -101,8 +103,9 @@ class Discovery:
             return False
         self._pinging.add(peer_id)
         try:
-            with self.reserve():
-                return await self._ping(rec)
+            async with self._ping_slots:
+                with self.reserve():
+                    return await self._ping(rec)
         finally:
             self._pinging.discard(peer_id)
 
@@ -176,12 +179,21 @@ class Discovery:
                 await trio.sleep_until(started + self.cfg.ping_interval)
 
     async def ping_round(self) -> None:
-        """Ping every known peer once (evicted ones every ``evict_after`` rounds), together."""
+        """Ping every known peer once, together (at most ``max_concurrent_pings`` at a time).
+
+        A trusted peer whose valid ping reached us less than 0.9 periods ago is skipped: that
+        exchange already proved both sides alive (it halves the pings of a full mesh). Evicted
+        peers are re-probed every ``evict_after`` rounds.
+        """
         reprobe = self.rounds % self.cfg.evict_after == 0
+        fresh_after = time.time() - 0.9 * self.cfg.ping_interval
         async with trio.open_nursery() as nursery:
             for rec in self.table.all():
-                if rec.state != EVICTED or reprobe:
-                    nursery.start_soon(self.ping_peer, rec.peer_id)
+                if rec.state == EVICTED and not reprobe:
+                    continue
+                if rec.state == TRUSTED and rec.pinged_us_at > fresh_after:
+                    continue
+                nursery.start_soon(self.ping_peer, rec.peer_id)
         self.rounds += 1
 
     def handle_query_bootstrap(self) -> list[str]:

@@ -27,6 +27,7 @@ class PeerRecord:
     first_seen: float = field(default_factory=time.time)
     last_seen: float = 0.0
     bootstrap: bool = False
+    pinged_us_at: float = 0.0  # when its last valid ping reached us (memory only)
 
 
 class PeerTable:
@@ -89,10 +90,11 @@ class PeerTable:
         await self._db.run(lambda c: c.execute("DELETE FROM peers WHERE peer_id = ?", (peer_id,)))
 
     async def mark_alive(self, peer_id: str, operator: str, addrs: tuple[str, ...],
-                         rtt: float | None = None) -> PeerRecord:
+                         rtt: float | None = None, *, pinged_us: bool = False) -> PeerRecord:
         old = self._peers.get(peer_id) or PeerRecord(peer_id)
+        now = time.time()
         rec = replace(old, operator=operator, addrs=addrs or old.addrs, state=TRUSTED, missed=0,
-                      last_seen=time.time())
+                      last_seen=now, pinged_us_at=now if pinged_us else old.pinged_us_at)
         if rtt is not None:
             self.rtts[peer_id] = rtt
         await self.put(rec)
