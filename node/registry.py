@@ -29,6 +29,7 @@ CANONICAL_ORDER: tuple[str, ...] = (
 
 # The modulars built so far, by name.
 DEFAULT_MODULARS: dict[str, str] = {
+    "approver": "modulars.approver:Approver",
     "p2p": "p2p.modular:P2PModular",
     "signer": "modulars.signer:Signer",
 }

@@ -9,14 +9,13 @@ outbound connections the same way.
 from __future__ import annotations
 
 import logging
-import math
-import shutil
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 
 import trio
 
-from node.errors import ConfigError, GfspError, ResourceLimitExceeded
+from node.capacity import receive_capacity
+from node.errors import ConfigError, GfspError
 from node.modular import ModularBase, NodeContext
 from node.spregistry import SPRegistry
 from node.tasks import ReplicatePieceApprovalTask, Task
@@ -145,16 +144,6 @@ class P2PModular(ModularBase):
 
     def default_policy(self, req: ApprovalRequest) -> tuple[bool, str]:
         """Approve while the limiter and free disk allow receiving this object's pieces."""
-        obj, params = req.object, req.params
-        piece = math.ceil(min(params.segment_size, obj.size) / params.data_shards)
-        stored = math.ceil(obj.size / params.data_shards)
-        try:
-            with self.ctx.limiter.span("receiver", memory=2 * piece, task_priority=150):
-                pass
-        except ResourceLimitExceeded as exc:
-            return False, f"busy: {exc.resource} limit reached"
-        data_dir = self.ctx.config.data_dir
-        free = shutil.disk_usage(data_dir if data_dir.exists() else data_dir.parent).free
-        if free - stored < self.ctx.config.piecestore.min_free_bytes:
-            return False, "insufficient free disk space"
-        return True, ""
+        return receive_capacity(self.ctx.config, self.ctx.limiter, size=req.object.size,
+                                segment_size=req.params.segment_size,
+                                data_shards=req.params.data_shards)

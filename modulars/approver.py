@@ -1,0 +1,172 @@
+"""Approver: decides and signs approvals (the seed's Approver), pre/handle/post per task type.
+
+- CreateBucketApproval / CreateObjectApproval: ``pre_`` refuses a repeat of the same ask within
+  ``approver.dedup_window`` seconds and an account at ``approver.max_buckets_per_account``
+  buckets (on the chain plus approvals handed out and not yet expired); ``handle_`` sets the
+  expiry height (current + ``*_approval_blocks``) and has the signer sign; ``post_`` records
+  statistics. :meth:`Approver.approval_message` gives the signed approval map the client embeds
+  in its transaction.
+- ReplicatePieceApproval (asked by other SPs through the P2P modular): approved while the
+  shared limiter and free disk allow receiving the pieces (:mod:`node.capacity`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import trio
+
+from node import chain_msgs
+from node.capacity import receive_capacity
+from node.chain import ChainClient, ChainUnavailable
+from node.errors import ConfigError, ServiceError, ServiceUnavailable
+from node.modular import ModularBase, NodeContext
+from node.tasks import (
+    CreateBucketApprovalTask,
+    CreateObjectApprovalTask,
+    ReplicatePieceApprovalTask,
+    Task,
+)
+
+
+class DuplicateApproval(ServiceError):
+    def __init__(self, key: str, window: float) -> None:
+        super().__init__("DuplicateApprovalRequest",
+                         f"the same approval was asked less than {window:g} s ago ({key})", 409)
+
+
+class TooManyBuckets(ServiceError):
+    def __init__(self, account: str, cap: int) -> None:
+        super().__init__("TooManyBuckets", f"account {account} has reached the cap of {cap} "
+                                           "buckets on this SP", 400)
+
+
+class Approver(ModularBase):
+    name = "approver"
+    requires = ("signer",)
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self.cfg = ctx.config.approver
+        self._recent: dict[str, float] = {}          # task key -> time handed out
+        self._pending_buckets: dict[str, tuple[str, int]] = {}  # bucket -> (account, expiry)
+        self._in_flight: dict[str, Task] = {}
+        self.stats: Counter[str] = Counter()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    @property
+    def chain(self) -> ChainClient:
+        if self.ctx.chain is None:
+            raise ConfigError("the approver needs a chain (chain.endpoint)")
+        return self.ctx.chain
+
+    def query_tasks(self, prefix: str = "") -> list[Task]:
+        return [t for k, t in self._in_flight.items() if k.startswith(prefix)]
+
+    # --- shared steps ---------------------------------------------------------------------
+
+    def _check_duplicate(self, task: Task) -> None:
+        now = trio.current_time()
+        horizon = now - self.cfg.dedup_window
+        for key in [k for k, t in self._recent.items() if t < horizon]:
+            del self._recent[key]
+        if task.key in self._recent or task.key in self._in_flight:
+            raise DuplicateApproval(task.key, self.cfg.dedup_window)
+        self._in_flight[task.key] = task
+
+    async def _expiry(self, blocks: int) -> int:
+        try:
+            return await self.chain.current_height() + blocks
+        except ChainUnavailable as exc:
+            raise ServiceUnavailable(f"chain unavailable: {exc.reason}") from None
+
+    def _post(self, task: Task, kind: str) -> None:
+        self._in_flight.pop(task.key, None)
+        self.stats[f"{kind}.{'error' if task.error else 'done'}"] += 1
+
+    # --- CreateBucketApproval -------------------------------------------------------------
+
+    async def pre_create_bucket_approval(self, task: CreateBucketApprovalTask) -> None:
+        self._check_duplicate(task)
+        try:
+            height = await self.chain.current_height()
+            owned = len(await self.chain.list_buckets(task.account))
+        except ChainUnavailable as exc:
+            self._in_flight.pop(task.key, None)
+            raise ServiceUnavailable(f"chain unavailable: {exc.reason}") from None
+        pending = sum(1 for acct, expiry in self._pending_buckets.values()
+                      if acct == task.account and expiry >= height)
+        if owned + pending >= self.cfg.max_buckets_per_account:
+            self._in_flight.pop(task.key, None)
+            raise TooManyBuckets(task.account, self.cfg.max_buckets_per_account)
+
+    async def handle_create_bucket_approval_task(self, task: CreateBucketApprovalTask) -> bool:
+        task.expiry_height = await self._expiry(self.cfg.bucket_approval_blocks)
+        task.approver_signature = self.ctx.modulars.signer.sign_create_bucket_approval(
+            self._bucket_approval(task))
+        self._recent[task.key] = trio.current_time()
+        self._pending_buckets[task.bucket] = (task.account, task.expiry_height)
+        return True
+
+    def post_create_bucket_approval(self, task: CreateBucketApprovalTask) -> None:
+        self._post(task, "create_bucket")
+
+    def _bucket_approval(self, task: CreateBucketApprovalTask) -> dict[str, Any]:
+        return chain_msgs.create_bucket_approval(
+            creator=task.account, bucket=task.bucket,
+            primary_sp=self.ctx.modulars.signer.operator_address,
+            expiry_height=task.expiry_height)
+
+    # --- CreateObjectApproval -------------------------------------------------------------
+
+    async def pre_create_object_approval(self, task: CreateObjectApprovalTask) -> None:
+        self._check_duplicate(task)
+
+    async def handle_create_object_approval_task(self, task: CreateObjectApprovalTask) -> bool:
+        task.expiry_height = await self._expiry(self.cfg.object_approval_blocks)
+        task.approver_signature = self.ctx.modulars.signer.sign_create_object_approval(
+            self._object_approval(task))
+        self._recent[task.key] = trio.current_time()
+        return True
+
+    def post_create_object_approval(self, task: CreateObjectApprovalTask) -> None:
+        self._post(task, "create_object")
+
+    def _object_approval(self, task: CreateObjectApprovalTask) -> dict[str, Any]:
+        o = task.object
+        return chain_msgs.create_object_approval(
+            creator=o.owner, bucket=o.bucket, object=o.name, size=o.size,
+            content_type=o.content_type, checksums=list(o.checksums),
+            expiry_height=task.expiry_height)
+
+    def approval_message(self, task: CreateBucketApprovalTask | CreateObjectApprovalTask
+                         ) -> dict[str, Any]:
+        """The signed approval map for the client to embed in its create transaction."""
+        if not task.approver_signature:
+            raise ValueError(f"{task.key} has not been approved")
+        msg = (self._bucket_approval(task) if isinstance(task, CreateBucketApprovalTask)
+               else self._object_approval(task))
+        msg["sig"] = task.approver_signature
+        return msg
+
+    # --- ReplicatePieceApproval (asked by other SPs over p2p) -----------------------------
+
+    async def pre_replicate_piece_approval(self, task: ReplicatePieceApprovalTask) -> None:
+        self._in_flight[task.key + f"-asker:{task.user_address}"] = task
+
+    async def handle_replicate_piece_approval(self, task: ReplicatePieceApprovalTask) -> bool:
+        approved, reason = receive_capacity(
+            self.ctx.config, self.ctx.limiter, size=task.object.size,
+            segment_size=task.params.segment_size, data_shards=task.params.data_shards)
+        if not approved:
+            task.set_error(reason)
+        return approved
+
+    def post_replicate_piece_approval(self, task: ReplicatePieceApprovalTask) -> None:
+        self._in_flight.pop(task.key + f"-asker:{task.user_address}", None)
+        self.stats[f"replicate_piece.{'refused' if task.error else 'approved'}"] += 1
