@@ -170,13 +170,18 @@ class Discovery:
                   ) -> None:
         await self.table.load()
         await self.add_bootstrap()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            while True:
-                started = trio.current_time()
-                await self.ping_round()
-                await trio.sleep_until(started + self.cfg.ping_interval)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    started = trio.current_time()
+                    await self.ping_round()
+                    await self.table.flush()
+                    await trio.sleep_until(started + self.cfg.ping_interval)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self.table.flush()
 
     async def ping_round(self) -> None:
         """Ping every known peer once, together (at most ``max_concurrent_pings`` at a time).

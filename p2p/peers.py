@@ -38,6 +38,7 @@ class PeerTable:
         self._self = self_peer_id
         self._max = max_peers
         self._peers: dict[str, PeerRecord] = {}
+        self._dirty: set[str] = set()
         self.rtts: dict[str, float] = {}
 
     async def load(self) -> None:
@@ -67,25 +68,43 @@ class PeerTable:
         return len(self._peers)
 
     async def put(self, rec: PeerRecord) -> bool:
-        """Insert or replace; False (nothing stored) for ourselves or when the table is full."""
+        """Insert or replace; False (nothing stored) for ourselves or when the table is full.
+
+        A change of state, operator or addresses is written to SPDB at once; a mere
+        ``last_seen``/``missed`` update waits for the next :meth:`flush` (one transaction per
+        ping round instead of one per ping).
+        """
         if rec.peer_id == self._self:
             return False
-        if rec.peer_id not in self._peers and len(self._peers) >= self._max:
+        old = self._peers.get(rec.peer_id)
+        if old is None and len(self._peers) >= self._max:
             return False
         self._peers[rec.peer_id] = rec
+        self._dirty.add(rec.peer_id)
+        if old is None or (old.state, old.operator, old.addrs) != (rec.state, rec.operator,
+                                                                   rec.addrs):
+            await self.flush()
+        return True
+
+    async def flush(self) -> None:
+        """Write every changed record in one transaction."""
+        rows = [(r.peer_id, r.operator, json.dumps(list(r.addrs)), r.first_seen, r.last_seen,
+                 r.missed, r.state)
+                for pid in self._dirty if (r := self._peers.get(pid)) is not None]
+        self._dirty.clear()
+        if not rows:
+            return
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
+            conn.executemany(
                 "INSERT OR REPLACE INTO peers (peer_id, operator, addrs, first_seen, last_seen,"
-                " missed, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (rec.peer_id, rec.operator, json.dumps(list(rec.addrs)), rec.first_seen,
-                 rec.last_seen, rec.missed, rec.state))
+                " missed, state) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
         await self._db.run(write)
-        return True
 
     async def remove(self, peer_id: str) -> None:
         self._peers.pop(peer_id, None)
+        self._dirty.discard(peer_id)
         self.rtts.pop(peer_id, None)
         await self._db.run(lambda c: c.execute("DELETE FROM peers WHERE peer_id = ?", (peer_id,)))
 
