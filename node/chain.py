@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -33,8 +34,12 @@ import trio
 from node.chain_msgs import ChainError
 from node.config import ChainSection
 from node.crypto import pack
+from node.errors import ServiceError, ServiceUnavailable
 from node.spregistry import SPInfo
 from node.tasks import BucketInfo, ObjectInfo, StorageParams
+
+if TYPE_CHECKING:
+    from node.modular import NodeContext
 
 __all__ = [
     "ChainBucket",
@@ -394,3 +399,31 @@ class DevChainClient:
         if not isinstance(result, dict):
             raise ChainError("BAD_RESPONSE", "a transaction result is a JSON object")
         return result
+
+
+# --- for modulars: chain failures as the user-facing errors the gater understands ------
+
+
+@contextmanager
+def chain_errors(what: str) -> Iterator[None]:
+    """Map chain client errors to the typed service errors the gater understands.
+
+    :class:`ChainUnavailable` becomes :class:`ServiceUnavailable` (503); a ``MALFORMED``
+    refusal is the caller's bad argument (``InvalidArgument``, 400); any other refusal of a
+    query is unexpected (``InternalError``, 500).
+    """
+    try:
+        yield
+    except ChainUnavailable as exc:
+        raise ServiceUnavailable(f"{what}: the chain is unavailable: {exc.reason}") from exc
+    except ChainError as exc:
+        if exc.code == "MALFORMED":
+            raise ServiceError("InvalidArgument", f"{what}: {exc.reason}", 400) from exc
+        raise ServiceError("InternalError", f"{what}: the chain refused: {exc}", 500) from exc
+
+
+def require_chain(ctx: NodeContext) -> ChainClient:
+    """The node's chain client, or :class:`ServiceUnavailable` when none is configured."""
+    if ctx.chain is None:
+        raise ServiceUnavailable("no chain client is configured")
+    return ctx.chain

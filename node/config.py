@@ -80,7 +80,7 @@ class P2PSection:
     max_clock_skew: Seconds = _f(Seconds(30.0), "Allowed difference of a message's timestamp.",
                                  lo=1, hi=3600)
     max_peers: int = _f(256, "Most peers kept in the peer table.", lo=1, hi=100_000)
-    max_concurrent_pings: int = _f(16, "Pings in flight at once (smooths bursts).",
+    max_concurrent_pings: int = _f(4, "Pings in flight at once (smooths bursts).",
                                    lo=1, hi=10_000)
     max_ping_frame: ByteSize = _f(ByteSize(64 * KiB), "Largest ping/pong frame.",
                                   lo=1 * KiB, hi=16 * MiB)

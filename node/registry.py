@@ -30,6 +30,8 @@ CANONICAL_ORDER: tuple[str, ...] = (
 # The modulars built so far, by name.
 DEFAULT_MODULARS: dict[str, str] = {
     "approver": "modulars.approver:Approver",
+    "authorizer": "modulars.authorizer:Authorizer",
+    "metadata": "modulars.metadata:Metadata",
     "p2p": "p2p.modular:P2PModular",
     "signer": "modulars.signer:Signer",
 }

@@ -75,7 +75,9 @@ def node_dir(tmp_path: Path) -> Path:
 def _config(node_dir: Path, *, implementations: Mapping[str, str] | None = None,
             disabled: list[str] | None = None, grace_period: float | None = None) -> Config:
     cfg = load_config(node_dir / "config.toml")
-    modulars = ModularsSection(disabled=[*OTHER_DEFAULTS, *(disabled or [])],
+    replaced = set(implementations or ())
+    modulars = ModularsSection(disabled=[*(n for n in OTHER_DEFAULTS if n not in replaced),
+                                         *(disabled or [])],
                                implementations=dict(implementations or {}))
     node = cfg.node
     if grace_period is not None:
@@ -314,7 +316,7 @@ async def test_custom_implementation_from_config(node_dir: Path, helpers: Module
     config = node_dir / "config.toml"
     text = config.read_text()
     assert "\ndisabled = []\n" in text
-    disabled = ", ".join(f'"{name}"' for name in OTHER_DEFAULTS)
+    disabled = ", ".join(f'"{name}"' for name in OTHER_DEFAULTS if name != "approver")
     text = text.replace("\ndisabled = []\n", f"\ndisabled = [{disabled}]\n")
     text += f'\n[modulars.implementations]\napprover = "{_impl("CustomApprover")}"\n'
     config.write_text(text)
