@@ -13,7 +13,6 @@ to ``signer.seal_retries``), and a seal whose object is already sealed counts as
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from node import chain_msgs
 from node.chain import ChainClient, ChainUnavailable
 from node.chain_msgs import ChainError
 from node.crypto import KeySet, PrivateKey, pack, signing_bytes
+from node.ec import integrity_hash
 from node.errors import ConfigError
 from node.modular import ModularBase, NodeContext
 from p2p.messages import ApprovalRequest, ApprovalResponse, Ping, Pong, signing_payload
@@ -31,14 +31,6 @@ from p2p.messages import ApprovalRequest, ApprovalResponse, Ping, Pong, signing_
 INTEGRITY_TYPE = "gfsp.integrity.v1"
 
 log = logging.getLogger("gfsp.signer")
-
-
-def integrity_hash(checksums: Sequence[bytes]) -> bytes:
-    """SHA-256 over the concatenated piece/segment checksums (ARCHITECTURE §4)."""
-    h = hashlib.sha256()
-    for c in checksums:
-        h.update(c)
-    return h.digest()
 
 
 def integrity_payload(object_id: int, integrity: bytes) -> bytes:
