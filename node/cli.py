@@ -15,7 +15,15 @@ from pathlib import Path
 import trio
 
 from node.app import ModularFailed, Node
-from node.config import ChainSection, Config, NodeSection, load_config, render_config
+from node.config import (
+    ChainSection,
+    Config,
+    GaterSection,
+    NodeSection,
+    P2PSection,
+    load_config,
+    render_config,
+)
 from node.crypto import create_keys
 from node.errors import ConfigError, DBError, KeyFileError, ModularStartError
 from node.log import setup_logging
@@ -35,17 +43,21 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"gfsp-node: {config_path} already exists; refusing to overwrite", file=sys.stderr)
         return EXIT_USAGE
     folder.mkdir(parents=True, exist_ok=True)
+    chain = (ChainSection(endpoint=args.chain) if args.chain
+             else ChainSection(registry_file=REGISTRY_NAME))
     cfg = Config(node=NodeSection(name=args.name or folder.resolve().name),
-                 chain=ChainSection(registry_file=REGISTRY_NAME))
+                 p2p=dataclasses.replace(P2PSection(), listen=args.p2p_listen),
+                 gater=dataclasses.replace(GaterSection(), listen=args.gater_listen),
+                 chain=chain)
     try:
         keys = create_keys(folder / "keys", passphrase=args.seed)
     except KeyFileError as exc:
         print(f"gfsp-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     (folder / "data").mkdir(exist_ok=True)
-    # Until a chain is configured, the node's SP registry is a file listing itself.
-    StaticSPRegistry.of([sp_info_of(keys, endpoint=f"http://{cfg.gater.listen}")]).to_file(
-        folder / REGISTRY_NAME)
+    if not args.chain:  # without a chain, the node's SP registry is a file listing itself
+        StaticSPRegistry.of([sp_info_of(keys, endpoint=f"http://{cfg.gater.listen}")]
+                            ).to_file(folder / REGISTRY_NAME)
     config_path.write_text(render_config(cfg))
     print(f"initialised {folder}: config {config_path}, operator {keys.operator.address}")
     return EXIT_OK
@@ -85,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, required=True, help="node folder to create")
     p.add_argument("--seed", help="derive the keys from this passphrase (testnets: stable ids)")
     p.add_argument("--name", help="node name (default: the folder's name)")
+    p.add_argument("--gater-listen", default=GaterSection().listen, metavar="HOST:PORT",
+                   help="HTTP listen address (default %(default)s)")
+    p.add_argument("--p2p-listen", default=P2PSection().listen, metavar="MULTIADDR",
+                   help="libp2p listen address (default %(default)s)")
+    p.add_argument("--chain", metavar="URL",
+                   help="the chain's endpoint (default: a registry file listing this SP only)")
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("run", help="run the node in the foreground")
     p.add_argument("--config", type=Path, required=True, help="the node's config.toml")

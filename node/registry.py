@@ -32,6 +32,7 @@ DEFAULT_MODULARS: dict[str, str] = {
     "approver": "modulars.approver:Approver",
     "authorizer": "modulars.authorizer:Authorizer",
     "metadata": "modulars.metadata:Metadata",
+    "gater": "modulars.gater:Gater",
     "p2p": "p2p.modular:P2PModular",
     "signer": "modulars.signer:Signer",
 }

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import trio
 
+from node import chain_msgs
 from node.app import Node
+from node.chain import DevChainClient
 from node.config import (
     ChainSection,
     Config,
+    GaterSection,
     ModularsSection,
     NodeSection,
     P2PSection,
@@ -47,6 +50,7 @@ class SPDir:
     dir: Path
     keys: KeySet
     port: int
+    gater_port: int = 0
 
     @property
     def config_path(self) -> Path:
@@ -65,7 +69,8 @@ class SPDir:
         return f"{self.peer_id}@{self.addr}"
 
     def info(self) -> SPInfo:
-        return sp_info_of(self.keys, endpoint=f"http://127.0.0.1:{9000 + self.index}",
+        port = self.gater_port or 9000 + self.index
+        return sp_info_of(self.keys, endpoint=f"http://127.0.0.1:{port}",
                           p2p_addrs=(self.addr,), peer_id=self.peer_id)
 
     def config(self) -> Config:
@@ -96,9 +101,46 @@ def make_sps(root: Path, n: int, *, p2p: dict[str, object] | None = None,
         impls = implementations(sp.index) if implementations else {}
         cfg = Config(node=NodeSection(name=sp.dir.name, grace_period=1.0),
                      modulars=ModularsSection(implementations=impls),
+                     gater=dataclasses.replace(GaterSection(), listen="127.0.0.1:0"),
                      p2p=p2p_cfg, chain=ChainSection(registry_file=str(root / REGISTRY)))
         sp.config_path.write_text(render_config(cfg))
     return sps
+
+
+def make_chain_sps(root: Path, n: int, chain_endpoint: str, *,
+                   p2p: dict[str, object] | None = None, tag: str = "sp") -> list[SPDir]:
+    """``n`` SP folders whose nodes use the chain at ``chain_endpoint`` (no registry file),
+    each with its own gater port; sp1.. bootstrap from sp0. Register them with
+    :func:`register_on_chain` before starting them."""
+    root.mkdir(parents=True, exist_ok=True)
+    sps = []
+    for i in range(n):
+        d = root / f"{tag}{i}"
+        keys = create_keys(d / "keys", passphrase=f"{tag}{i}-{root.name}")
+        sps.append(SPDir(i, d, keys, free_port(), gater_port=free_port()))
+    for sp in sps:
+        boot = [] if sp.index == 0 else [sps[0].bootstrap_entry]
+        cfg = Config(node=NodeSection(name=sp.dir.name, grace_period=1.0),
+                     p2p=dataclasses.replace(P2PSection(), listen=sp.addr, bootstrap=boot,
+                                             **(p2p or {})),
+                     gater=dataclasses.replace(GaterSection(),
+                                               listen=f"127.0.0.1:{sp.gater_port}"),
+                     chain=ChainSection(endpoint=chain_endpoint, height_refresh_interval=0.2))
+        sp.config_path.write_text(render_config(cfg))
+    return sps
+
+
+async def register_on_chain(chain_endpoint: str, sps: list[SPDir]) -> None:
+    """Register every SP (operator-key signed register_sp transactions)."""
+    async with DevChainClient(chain_endpoint) as client:
+        for sp in sps:
+            info = sp.info()
+            seq = await client.account_seq(sp.keys.operator.address)
+            await client.broadcast(chain_msgs.sign(sp.keys.operator, chain_msgs.register_sp_tx(
+                pubkey=sp.keys.operator.public_key, seq=seq, endpoint=info.endpoint,
+                peer_id=info.peer_id, p2p_addrs=info.p2p_addrs,
+                approval_key=info.approval_key, seal_key=info.seal_key,
+                gc_key=info.gc_key)))
 
 
 class RunningNode:

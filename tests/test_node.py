@@ -68,7 +68,8 @@ def helpers(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 @pytest.fixture
 def node_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "sp"
-    assert cli.main(["init", "--dir", str(folder), "--seed", "t"]) == 0
+    assert cli.main(["init", "--dir", str(folder), "--seed", "t",
+                     "--gater-listen", "127.0.0.1:0"]) == 0
     return folder
 
 
@@ -452,7 +453,8 @@ class RunningNode:
 async def test_acceptance_ready_sigterm_stopping_exit_0(tmp_path: Path) -> None:
     folder = tmp_path / "D"
     with trio.fail_after(60):
-        init = await _gfsp("init", "--dir", str(folder), "--seed", "s", cwd=tmp_path)
+        init = await _gfsp("init", "--dir", str(folder), "--seed", "s",
+                           "--gater-listen", "127.0.0.1:0", cwd=tmp_path)
         assert init.returncode == 0, init.stderr
         operator = PrivateKey.from_passphrase("s", "operator").address
         assert operator in init.stdout.decode()
@@ -567,7 +569,8 @@ async def test_modular_failing_to_start_exits_non_zero(node_dir: Path, tmp_path:
 async def test_init_twice_exits_2(tmp_path: Path) -> None:
     folder = tmp_path / "D"
     with trio.fail_after(30):
-        first = await _gfsp("init", "--dir", str(folder), "--seed", "s", cwd=tmp_path)
+        first = await _gfsp("init", "--dir", str(folder), "--seed", "s",
+                           "--gater-listen", "127.0.0.1:0", cwd=tmp_path)
         assert first.returncode == 0, first.stderr
         key_before = (folder / "keys" / "operator.key").read_text()
         second = await _gfsp("init", "--dir", str(folder), "--seed", "other", cwd=tmp_path)

@@ -1,0 +1,131 @@
+"""Request bodies: size limits and the signed payload hash, checked while streaming.
+
+Every route has a body limit (``gater.max_json_body`` for the JSON routes; streamed data routes
+will use ``gater.max_body``). :func:`check_declared_length` refuses a declared Content-Length
+over the limit before anything is read (413 ``EntityTooLarge``); :class:`BodyStream` counts
+while streaming (chunked bodies) and hashes every chunk, and when the body ends compares the
+sha256 with the signed ``x-gfsp-content-sha256`` (400 ``ContentSha256Mismatch``). The mismatch
+is raised *instead of* the end of the stream, so a consumer that commits only after the
+iteration ends normally never commits an unverified body. Small bodies are read whole with
+:meth:`BodyStream.read`; data routes iterate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import trio
+from starlette.requests import ClientDisconnect
+
+from node.auth import AuthError
+from node.errors import ServiceError
+
+#: After a chunked body went over its limit, read and drop at most this much more (within
+#: :data:`DRAIN_SECONDS`) so that the 413 reaches a client still sending.
+DRAIN_BYTES = 256 * 1024
+DRAIN_SECONDS = 1.0
+
+
+class EntityTooLarge(ServiceError):
+    def __init__(self, limit: int) -> None:
+        super().__init__("EntityTooLarge",
+                         f"the request body is larger than this route's limit of {limit} bytes",
+                         413)
+
+
+class IncompleteBody(ServiceError):
+    def __init__(self) -> None:
+        super().__init__("IncompleteBody", "the client disconnected before the body ended", 400)
+
+
+class HeaderTooLarge(ServiceError):
+    def __init__(self, limit: int) -> None:
+        super().__init__("RequestHeaderSectionTooLarge",
+                         f"the request head is larger than {limit} bytes", 431)
+
+
+def check_head_size(scope: Mapping[str, Any], limit: int) -> None:
+    """431 if the request line and headers exceed ``limit`` bytes. (hypercorn's
+    ``h11_max_incomplete_size`` only catches a head that arrives in pieces.)"""
+    size = (len(scope.get("method", "")) + len(scope.get("raw_path") or b"")
+            + len(scope.get("query_string", b"")) + 12)
+    for name, value in scope.get("headers", ()):
+        size += len(name) + len(value) + 4
+    if size > limit:
+        raise HeaderTooLarge(limit)
+
+
+def declared_length(headers: Mapping[str, str]) -> int | None:
+    """The Content-Length as an int (None when absent; h11 has already checked its syntax)."""
+    value = headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ServiceError("InvalidArgument", "Content-Length is not a number", 400) from None
+
+
+def check_declared_length(headers: Mapping[str, str], limit: int) -> None:
+    """413 if the declared body is over ``limit`` (nothing is read)."""
+    length = declared_length(headers)
+    if length is not None and length > limit:
+        raise EntityTooLarge(limit)
+
+
+class BodyStream:
+    """Iterate a request body (once) under ``limit`` bytes, checking ``expected_sha256``.
+
+    ``expected_sha256`` None means the payload was not signed (UNSIGNED-PAYLOAD): only the
+    size is checked.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], *, limit: int,
+                 expected_sha256: str | None) -> None:
+        self._chunks = chunks
+        self.limit = limit
+        self.expected_sha256 = expected_sha256
+        self.received = 0
+        self._hash = hashlib.sha256()
+        self._used = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._used:
+            raise RuntimeError("a request body can be read once")
+        self._used = True
+        try:
+            async for chunk in self._chunks:
+                if not chunk:
+                    continue
+                self.received += len(chunk)
+                if self.received > self.limit:
+                    await self._drain()
+                    raise EntityTooLarge(self.limit)
+                self._hash.update(chunk)
+                yield chunk
+        except ClientDisconnect:
+            raise IncompleteBody() from None
+        self.check_hash()
+
+    def check_hash(self) -> None:
+        if self.expected_sha256 is not None and self._hash.hexdigest() != self.expected_sha256:
+            raise AuthError("ContentSha256Mismatch",
+                            "the body's sha256 differs from x-gfsp-content-sha256")
+
+    async def read(self) -> bytes:
+        """The whole body (only for small bodies: the limit bounds the memory)."""
+        parts = [chunk async for chunk in self]
+        return b"".join(parts)
+
+    async def _drain(self) -> None:
+        dropped = 0
+        with trio.move_on_after(DRAIN_SECONDS):
+            try:
+                async for chunk in self._chunks:
+                    dropped += len(chunk)
+                    if dropped > DRAIN_BYTES:
+                        break
+            except ClientDisconnect:
+                pass

@@ -1,0 +1,172 @@
+"""S3-style XML errors, written in one place: :class:`ErrorMiddleware`.
+
+Every response of the gater carries an ``x-gfsp-request-id`` header; an error response's body
+is::
+
+    <?xml version="1.0" encoding="UTF-8"?>
+    <Error><Code>..</Code><Message>..</Message><RequestId>..</RequestId></Error>
+
+with ``content-type: application/xml``. Handlers (and starlette's routing, through
+:func:`raise_http_exception`) only *raise*; the middleware maps what it catches:
+
+- :class:`~node.errors.ServiceError` (and :class:`~node.auth.AuthError`): its code and status;
+  401 adds ``WWW-Authenticate``, :class:`~node.errors.ServiceUnavailable` adds ``Retry-After``;
+- :class:`~node.errors.ResourceLimitExceeded`: 503 ``SlowDown`` with ``Retry-After``;
+- :class:`~node.errors.NilModularError`: 503 ``ServiceUnavailable`` with ``Retry-After``;
+- :class:`~node.errors.TaskError`: 400 ``InvalidArgument``;
+- anything else: 500 ``InternalError``, logged once with the request id and traceback (the
+  body never carries a traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from node.auth import SCHEME
+from node.errors import (
+    NilModularError,
+    ResourceLimitExceeded,
+    ServiceError,
+    ServiceUnavailable,
+    TaskError,
+)
+
+log = logging.getLogger("gfsp.gater")
+
+REQUEST_ID_HEADER = "x-gfsp-request-id"
+XML_DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>'
+MAX_MESSAGE = 1024
+#: Retry-After (seconds) when a limiter scope is full or a modular is not running.
+LIMIT_RETRY_AFTER = 1
+MODULAR_RETRY_AFTER = 5
+
+# Characters XML 1.0 cannot carry (control characters, lone surrogates, U+FFFE/U+FFFF).
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_HTTP_CODES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed",
+               413: "EntityTooLarge", 415: "UnsupportedMediaType"}
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(8)
+
+
+def request_id_of(scope: Scope) -> str:
+    state = scope.get("state")
+    rid = state.get("request_id") if isinstance(state, dict) else None
+    return rid if isinstance(rid, str) else ""
+
+
+def _xml_text(s: str) -> str:
+    s = _NOT_XML.sub("\ufffd", s)
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def error_body(code: str, message: str, request_id: str) -> bytes:
+    """The XML error document (message cut to :data:`MAX_MESSAGE` characters)."""
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE - 3] + "..."
+    return (f"{XML_DECLARATION}<Error><Code>{_xml_text(code)}</Code>"
+            f"<Message>{_xml_text(message)}</Message>"
+            f"<RequestId>{_xml_text(request_id)}</RequestId></Error>").encode()
+
+
+def classify(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
+    """(status, code, message, extra headers) for an exception; status 500 means unexpected."""
+    if isinstance(exc, ServiceError):
+        headers: dict[str, str] = {}
+        if exc.status == 401:
+            headers["www-authenticate"] = SCHEME
+        if isinstance(exc, ServiceUnavailable) or exc.status == 503:
+            retry = getattr(exc, "retry_after", LIMIT_RETRY_AFTER)
+            headers["retry-after"] = str(max(1, math.ceil(retry)))
+        headers.update(getattr(exc, "headers", None) or {})
+        return exc.status, exc.code, exc.message, headers
+    if isinstance(exc, ResourceLimitExceeded):
+        return (503, "SlowDown", f"the node is busy ({exc.resource}); retry later",
+                {"retry-after": str(LIMIT_RETRY_AFTER)})
+    if isinstance(exc, NilModularError):
+        return (503, "ServiceUnavailable", f"modular {exc.name!r} is not running",
+                {"retry-after": str(MODULAR_RETRY_AFTER)})
+    if isinstance(exc, TaskError):
+        return 400, "InvalidArgument", str(exc), {}
+    return 500, "InternalError", "internal error", {}
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one meaningful exception inside (nested) exception groups, if there is one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class HTTPError(ServiceError):
+    """A routing refusal (404, 405) carried as a ServiceError, with optional headers."""
+
+    def __init__(self, code: str, message: str, status: int,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(code, message, status)
+        self.headers = dict(headers or {})
+
+
+async def raise_http_exception(request: Request, exc: Exception) -> Any:
+    """Starlette exception handler: re-raise routing errors so the middleware writes them."""
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "BadRequest" if exc.status_code < 500
+                           else "InternalError")
+    raise HTTPError(code, str(exc.detail), exc.status_code, exc.headers) from None
+
+
+class ErrorMiddleware:
+    """Pure ASGI middleware: request id on every response, every error written here."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER.encode(), rid.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as raw:
+            exc = _unwrap(raw)
+            status, code, message, headers = classify(exc)
+            if status >= 500 and code == "InternalError":
+                log.error("request %s %s %s failed: %s", rid, scope.get("method"),
+                          scope.get("path"), type(exc).__name__, exc_info=raw)
+            if started:  # too late for an error body: the connection is closed mid-response
+                if status < 500 or code != "InternalError":
+                    log.warning("request %s failed after the response started: %s", rid, code)
+                return
+            body = error_body(code, message, rid)
+            raw_headers = [(b"content-type", b"application/xml"),
+                           (b"content-length", str(len(body)).encode())]
+            raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                            for k, v in headers.items()]
+            await send_with_id({"type": "http.response.start", "status": status,
+                                "headers": raw_headers})
+            if scope.get("method") == "HEAD":
+                body = b""
+            await send_with_id({"type": "http.response.body", "body": body})

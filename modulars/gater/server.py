@@ -1,0 +1,98 @@
+"""The Gater modular: the starlette app served by hypercorn's trio worker in the node's nursery.
+
+:meth:`Gater.serve` binds ``gater.listen`` (port 0 allowed; the bound address is
+:attr:`Gater.endpoint`, e.g. ``"http://127.0.0.1:43117"``) and calls ``task_status.started()``
+once the socket listens. :meth:`Gater.drain` (SIGTERM) stops accepting at once (the listening
+socket is closed, so new connections are refused), closes idle keep-alive connections, and
+lets requests in flight finish for up to ``gater.drain_timeout`` seconds (hypercorn's
+``graceful_timeout``); serve() then returns.
+
+Limits from the config: ``max_header_bytes`` is hypercorn's ``h11_max_incomplete_size`` (a
+head that arrives in pieces and grows past it is refused by hypercorn itself with a plain 400,
+before the app runs); since h11 checks that only while a head is incomplete, the app checks
+the size of every head again (431 ``RequestHeaderSectionTooLarge``). Body limits, the
+per-account token bucket and the replay cache are the app's (:mod:`modulars.gater.app`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from modulars.gater.app import ROUTES, BodyKind, RouteSpec, build_app
+from modulars.gater.openapi import openapi_document
+from modulars.gater.ratelimit import RateLimiter
+from node.auth import ReplayCache
+from node.modular import ModularBase, NodeContext
+
+log = logging.getLogger("gfsp.gater")
+
+
+class Gater(ModularBase):
+    name = "gater"
+    #: What the routes call (the signer only through the approver and authorizer).
+    requires = ("authorizer", "approver", "metadata")
+
+    def __init__(self, ctx: NodeContext, routes: tuple[RouteSpec, ...] = ROUTES) -> None:
+        super().__init__(ctx)
+        self.cfg = ctx.config.gater
+        self.routes = routes
+        self.endpoint: str | None = None
+        self.replay = ReplayCache()
+        self.rate = RateLimiter(self.cfg.rate_limit, self.cfg.rate_burst, clock=ctx.clock)
+        #: Unix seconds for signature expiries; tests may replace it.
+        self.wall_clock: Callable[[], float] = time.time
+        self.app = build_app(self, routes)
+        self._openapi: dict[str, Any] | None = None
+        self._shutdown = trio.Event()
+        self._stopped = trio.Event()
+        self._serving = False
+
+    def __repr__(self) -> str:
+        return f"Gater(endpoint={self.endpoint})"
+
+    def body_limit(self, kind: BodyKind) -> int:
+        return int(self.cfg.max_body if kind == "stream" else self.cfg.max_json_body)
+
+    def openapi_document(self) -> dict[str, Any]:
+        if self._openapi is None:
+            self._openapi = openapi_document(self.routes, server_url=self.endpoint)
+        return self._openapi
+
+    def hypercorn_config(self) -> hypercorn.config.Config:
+        config = hypercorn.config.Config()
+        config.bind = [self.cfg.listen]
+        config.h11_max_incomplete_size = int(self.cfg.max_header_bytes)
+        config.graceful_timeout = float(self.cfg.drain_timeout)
+        config.include_server_header = False
+        config.accesslog = None
+        config.errorlog = logging.getLogger("gfsp.gater.hypercorn")
+        return config
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                binds: list[str] = await nursery.start(partial(
+                    hypercorn.trio.serve, self.app, self.hypercorn_config(),
+                    shutdown_trigger=self._shutdown.wait, mode="asgi"))
+                self.endpoint = binds[0] if binds else None
+                self._serving = True
+                log.info("gater listening on %s", self.endpoint)
+                task_status.started()
+        finally:
+            self._serving = False
+            self._stopped.set()
+
+    async def drain(self) -> None:
+        """Stop accepting; wait for requests in flight (up to ``gater.drain_timeout``)."""
+        self._shutdown.set()
+        if self._serving:
+            await self._stopped.wait()

@@ -1,0 +1,1009 @@
+"""Tests of the gater (modulars/gater): real hypercorn on 127.0.0.1 port 0, httpx clients.
+
+Two set-ups:
+
+- ``fakes``: the gater over small fakes of the authorizer, approver and metadata modulars
+  (``FakeAuthorizer``, ``FakeApprover``, ``FakeMetadata``, named as fakes): authentication,
+  limits, errors, drain;
+- ``real``: the gater over the real signer, authorizer, approver and metadata modulars, a real
+  SPDB and an in-process devchain: every route end to end, and the schema-driven fuzz run.
+
+Every test runs under ``trio.fail_after``; nothing sleeps a fixed time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import secrets
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+import trio
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from modulars.gater import Gater
+from modulars.gater.app import AuthOpType
+from node import chain_msgs
+from node.app import build_limiter
+from node.auth import parse_query, payload_sha256, quote_path, sign_request
+from node.config import Config, GaterSection, NodeSection
+from node.crypto import PrivateKey, unpack
+from node.errors import AccessDenied, NoSuchBucket, NoSuchKey, ServiceError
+from node.modular import ModularBase, NodeContext
+from node.rcmgr import Limit, ResourceLimiter
+from testnet.devchain.testing import TestSP, new_keyset
+
+TIMEOUT = 20
+API = "/gfsp/v1"
+CHECKSUMS = [secrets.token_hex(32) for _ in range(4)]
+
+
+# --- a signing client (the reference for the client library) -------------------------------
+
+
+@dataclass
+class Client:
+    """Signs and sends requests to one gater."""
+
+    http: httpx.AsyncClient
+    endpoint: str
+    key: PrivateKey
+
+    def build(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
+              json_body: Any = None, content: Any = None,
+              headers: dict[str, str] | None = None) -> httpx.Request:
+        url = self.endpoint + quote_path(path)
+        if query:
+            url += "?" + urlencode(query)
+        if json_body is not None:
+            content = json.dumps(json_body).encode()
+            headers = {"content-type": "application/json", **(headers or {})}
+        return self.http.build_request(method, url, content=content, headers=headers)
+
+    def sign(self, request: httpx.Request, *, key: PrivateKey | None = None,
+             payload: bytes | str | None = "body", expiry: int | None = None,
+             nonce: bytes | None = None) -> httpx.Request:
+        """Sign exactly what httpx will send: its raw path and query, host, the body hash."""
+        path, _, qs = request.url.raw_path.decode("ascii").partition("?")
+        if payload == "body":
+            payload_hash: str | None = payload_sha256(request.content)
+        elif payload is None:
+            payload_hash = None
+        else:
+            assert isinstance(payload, bytes)
+            payload_hash = payload_sha256(payload)
+        added = sign_request(key or self.key, request.method, path, parse_query(qs),
+                             dict(request.headers), payload_hash,
+                             expiry if expiry is not None else int(time.time()) + 300,
+                             nonce if nonce is not None else secrets.token_bytes(16))
+        request.headers.update(added)
+        return request
+
+    async def call(self, method: str, path: str, *, signed: bool = True, **kw: Any
+                   ) -> httpx.Response:
+        sign_kw = {k: kw.pop(k) for k in ("key", "payload", "expiry", "nonce") if k in kw}
+        request = self.build(method, path, **kw)
+        if signed:
+            self.sign(request, **sign_kw)
+        return await self.http.send(request)
+
+
+def xml_error(response: httpx.Response) -> dict[str, str]:
+    assert response.headers["content-type"] == "application/xml"
+    root = ET.fromstring(response.content)
+    assert root.tag == "Error"
+    out = {child.tag: child.text or "" for child in root}
+    assert set(out) == {"Code", "Message", "RequestId"}
+    assert out["RequestId"] == response.headers["x-gfsp-request-id"]
+    return out
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, str]:
+    assert response.status_code == status, (response.status_code, response.text)
+    err = xml_error(response)
+    assert err["Code"] == code, err
+    return err
+
+
+# --- fakes of the modulars the gater calls ---------------------------------------------------
+
+
+class FakeAuthorizer(ModularBase):
+    """A fake authorizer: bucket owners in a dict; raises like the real one."""
+
+    name = "authorizer"
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self.owners: dict[str, str] = {}
+        self.calls: list[tuple[int, str, str, str]] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def verify_authorize(self, op: int, account: str, bucket: str, object: str = ""
+                               ) -> bool:
+        self.calls.append((int(op), account, bucket, object))
+        if op == AuthOpType.ASK_CREATE_BUCKET_APPROVAL:
+            if bucket in self.owners:
+                raise ServiceError("BucketAlreadyExists", f"bucket {bucket!r} exists", 409)
+            return True
+        if bucket not in self.owners:
+            raise NoSuchBucket(bucket)
+        if self.owners[bucket] != account:
+            raise AccessDenied(f"{account} does not own {bucket}")
+        return True
+
+
+class FakeApprover(ModularBase):
+    """A fake approver: approves everything at expiry height 100, records the steps."""
+
+    name = "approver"
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self.steps: list[str] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def pre_create_bucket_approval(self, task: Any) -> None:
+        self.steps.append("pre")
+
+    async def handle_create_bucket_approval_task(self, task: Any) -> bool:
+        self.steps.append("handle")
+        task.expiry_height = 100
+        return True
+
+    def post_create_bucket_approval(self, task: Any) -> None:
+        self.steps.append("post")
+
+    async def pre_create_object_approval(self, task: Any) -> None:
+        self.steps.append("pre-object")
+
+    async def handle_create_object_approval_task(self, task: Any) -> bool:
+        self.steps.append("handle-object")
+        task.expiry_height = 101
+        return task.object.size < 10**9  # "no" to big objects
+
+    def post_create_object_approval(self, task: Any) -> None:
+        self.steps.append("post-object")
+
+    def approval_message(self, task: Any) -> dict[str, Any]:
+        if hasattr(task, "bucket"):
+            msg = chain_msgs.create_bucket_approval(
+                creator=task.account, bucket=task.bucket, primary_sp="0x" + "00" * 20,
+                expiry_height=task.expiry_height)
+        else:
+            o = task.object
+            msg = chain_msgs.create_object_approval(
+                creator=o.owner, bucket=o.bucket, object=o.name, size=o.size,
+                content_type=o.content_type, checksums=list(o.checksums),
+                expiry_height=task.expiry_height)
+        msg["sig"] = b"\x01" * 64
+        return msg
+
+
+@dataclass(frozen=True)
+class FakeBucket:
+    id: int
+    name: str
+    owner: str
+
+
+class FakeMetadata(ModularBase):
+    """A fake metadata modular over dicts; ``gate`` makes get_bucket_meta wait; ``boom``
+    makes it raise an unexpected error."""
+
+    name = "metadata"
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self.buckets: dict[str, FakeBucket] = {}
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.entered = trio.Event()
+        self.gate: trio.Event | None = None
+        self.boom = False
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def get_bucket_meta(self, bucket: str) -> FakeBucket:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.boom:
+            raise RuntimeError("secret internal detail")
+        return self.buckets[bucket]
+
+    async def list_buckets(self, account: str) -> list[FakeBucket]:
+        return [b for b in self.buckets.values() if b.owner == account]
+
+    async def list_objects(self, bucket: str, *, prefix: str = "", start_after: str = "",
+                           limit: int | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        names = sorted(n for (b, n) in self.objects if b == bucket and n.startswith(prefix)
+                       and n > start_after)
+        page = names[:limit or 1000]
+        more = len(names) > len(page)
+        return [self.objects[(bucket, n)] for n in page], (page[-1] if more else None)
+
+    async def get_object_meta(self, bucket: str, object: str) -> dict[str, Any]:
+        try:
+            return self.objects[(bucket, object)]
+        except KeyError:
+            raise NoSuchKey(bucket, object) from None
+
+    async def get_upload_progress(self, bucket: str, object: str) -> dict[str, Any]:
+        await self.get_object_meta(bucket, object)
+        return {"object_id": 1, "state": "UPLOADING", "segments_done": 1, "bytes_done": 7,
+                "error": "", "update_time": None}
+
+
+# --- set-ups ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    gater: Gater
+    ctx: NodeContext
+    client: Client
+    other: Client  # another account
+    fakes: dict[str, Any] = field(default_factory=dict)
+    sp: TestSP | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.client.endpoint.rsplit(":", 1)[1])
+
+
+def gater_config(**gater: Any) -> Config:
+    section = dataclasses.replace(GaterSection(listen="127.0.0.1:0", drain_timeout=10), **gater)
+    return Config(node=NodeSection(name="sp-test"), gater=section)
+
+
+StackFactory = Callable[..., Awaitable[Stack]]
+
+
+@pytest.fixture
+async def fakes(nursery: trio.Nursery) -> AsyncIterator[StackFactory]:
+    """Start a gater over fakes; keyword arguments override GaterSection fields."""
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        async def start(**gater: Any) -> Stack:
+            config = gater_config(**gater)
+            ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
+                              keys=new_keyset())
+            made = {}
+            for cls in (FakeAuthorizer, FakeApprover, FakeMetadata):
+                m = cls(ctx)
+                await nursery.start(m.serve)
+                ctx.modulars.mark_running(m)
+                made[m.name] = m
+            g = Gater(ctx)
+            await nursery.start(g.serve)
+            ctx.modulars.mark_running(g)
+            assert g.endpoint is not None
+            return Stack(g, ctx, Client(http, g.endpoint, PrivateKey.generate()),
+                         Client(http, g.endpoint, PrivateKey.generate()), made)
+        yield start
+
+
+@pytest.fixture
+async def real(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[StackFactory]:
+    """Start a gater over the real modulars, SPDB and an in-process devchain."""
+    from modulars.approver import Approver
+    from modulars.authorizer import Authorizer
+    from modulars.metadata import Metadata
+    from modulars.signer import Signer
+    from node.chain import DevChainClient
+    from node.db import open_spdb
+    from testnet.devchain import DevChain
+
+    devchain = DevChain(tmp_path / "chain", block_interval=0.2)
+    chain_endpoint = await nursery.start(devchain.serve)
+    async with (DevChainClient(chain_endpoint, request_timeout=5,
+                               height_refresh_interval=0.2) as chain,
+                open_spdb(tmp_path / "spdb.sqlite3") as db,
+                httpx.AsyncClient(timeout=TIMEOUT) as http):
+        await nursery.start(chain.run)
+
+        async def start(**gater: Any) -> Stack:
+            config = gater_config(**gater)
+            keys = new_keyset()
+            sp = TestSP(keys, "http://127.0.0.1:1", "12D3KooWgatertest")
+            await chain.broadcast(sp.register_tx())
+            ctx = NodeContext(config=config, limiter=build_limiter(config), db=db, keys=keys,
+                              sp_registry=chain, chain=chain)
+            for cls in (Signer, Metadata, Authorizer, Approver):
+                m = cls(ctx)
+                await nursery.start(m.serve)
+                ctx.modulars.mark_running(m)
+            g = Gater(ctx)
+            await nursery.start(g.serve)
+            ctx.modulars.mark_running(g)
+            assert g.endpoint is not None
+            return Stack(g, ctx, Client(http, g.endpoint, PrivateKey.generate()),
+                         Client(http, g.endpoint, PrivateKey.generate()), sp=sp)
+        yield start
+
+
+def own_bucket(stack: Stack, name: str = "mybucket", *, owner: Client | None = None) -> None:
+    owner = owner or stack.client
+    stack.fakes["authorizer"].owners[name] = owner.key.address
+    stack.fakes["metadata"].buckets[name] = FakeBucket(1, name, owner.key.address)
+
+
+# --- public routes --------------------------------------------------------------------------
+
+
+async def test_status_is_public(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        r = await s.client.call("GET", f"{API}/status", signed=False)
+        assert r.status_code == 200
+        body = r.json()
+        assert body["node"] == "sp-test"
+        assert body["operator"] == s.ctx.keys.operator.address
+        assert set(body["modulars"]) >= {"gater", "authorizer", "approver", "metadata"}
+        assert body["height"] is None  # no chain here
+        assert body["endpoint"] == s.gater.endpoint
+        assert re.fullmatch(r"[0-9a-f]{16}", r.headers["x-gfsp-request-id"])
+        assert "server" not in r.headers
+
+
+async def test_openapi_document_lists_every_route(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        r = await s.client.call("GET", f"{API}/openapi.json", signed=False)
+        assert r.status_code == 200
+        doc = r.json()
+        assert doc["openapi"].startswith("3.")
+        ops = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
+        assert ops == {
+            ("GET", f"{API}/status"), ("GET", f"{API}/openapi.json"),
+            ("POST", f"{API}/approvals/create-bucket"),
+            ("POST", f"{API}/approvals/create-object"),
+            ("GET", f"{API}/buckets/{{bucket}}"), ("GET", f"{API}/buckets/{{bucket}}/objects"),
+            ("GET", f"{API}/objects/{{bucket}}/{{object}}"),
+            ("GET", f"{API}/uploads/{{bucket}}/{{object}}"),
+            ("GET", f"{API}/accounts/{{address}}/buckets"),
+        }
+        assert doc["paths"][f"{API}/status"]["get"]["security"] == []
+        assert doc["paths"][f"{API}/buckets/{{bucket}}"]["get"]["security"]
+        assert doc["servers"] == [{"url": s.gater.endpoint}]
+
+
+# --- authentication refusals ----------------------------------------------------------------
+
+
+async def test_unsigned_request_is_401(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        r = await s.client.call("GET", f"{API}/buckets/mybucket", signed=False)
+        assert_error(r, 401, "MissingAuthentication")
+        assert r.headers["www-authenticate"] == "GFSP1-ED25519"
+        r = await s.client.call("POST", f"{API}/approvals/create-bucket", signed=False,
+                                json_body={"bucket": "abc"})
+        assert_error(r, 401, "MissingAuthentication")
+        assert s.fakes["approver"].steps == []
+
+
+@pytest.mark.parametrize("garble", [
+    "Basic dXNlcjpwYXNz",
+    "GFSP1-ED25519",
+    "GFSP1-ED25519 Account=0x1,PubKey=2",
+    "GFSP1-ED25519 " + "A=" * 2000,
+    "\u00e9\u00e9".encode("latin-1"),
+])
+async def test_garbled_authorization_is_401(fakes: StackFactory, garble: str | bytes) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        request = s.client.build("GET", f"{API}/buckets/mybucket")
+        s.client.sign(request)
+        raw = [(k, v) for k, v in request.headers.raw if k.lower() != b"authorization"]
+        value = garble.encode() if isinstance(garble, str) else garble
+        request.headers = httpx.Headers([*raw, (b"authorization", value)])
+        r = await s.client.http.send(request)
+        assert_error(r, 401, "MalformedAuthorization")
+
+
+async def test_expired_and_too_far_are_403(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(max_signature_age=3600)
+        own_bucket(s)
+        now = int(time.time())
+        r = await s.client.call("GET", f"{API}/buckets/mybucket", expiry=now - 5)
+        assert_error(r, 403, "ExpiredRequest")
+        r = await s.client.call("GET", f"{API}/buckets/mybucket", expiry=now + 3700)
+        assert_error(r, 403, "ExpiryTooFar")
+        r = await s.client.call("GET", f"{API}/buckets/mybucket", expiry=now + 3000)
+        assert r.status_code == 200
+
+
+async def test_wrong_key_is_403(fakes: StackFactory) -> None:
+    """Signed by another key while naming the client's account and key."""
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        request = s.client.build("GET", f"{API}/buckets/mybucket")
+        s.client.sign(request, nonce=bytes(16))
+        forged = s.client.build("GET", f"{API}/buckets/mybucket")
+        s.client.sign(forged, key=s.other.key, nonce=bytes(16))
+        mine = request.headers["authorization"]
+        theirs = forged.headers["authorization"]
+        request.headers["authorization"] = (mine.rsplit("Signature=", 1)[0] + "Signature="
+                                            + theirs.rsplit("Signature=", 1)[1])
+        r = await s.client.http.send(request)
+        assert_error(r, 403, "SignatureDoesNotMatch")
+
+
+async def test_wrong_account_is_403(fakes: StackFactory) -> None:
+    """A valid signature by the other key, but Account names the client's address."""
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        request = s.client.build("GET", f"{API}/buckets/mybucket")
+        s.client.sign(request, key=s.other.key)
+        request.headers["authorization"] = request.headers["authorization"].replace(
+            s.other.key.address, s.client.key.address)
+        r = await s.client.http.send(request)
+        assert_error(r, 403, "AccountMismatch")
+
+
+async def test_tampered_request_is_403(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        own_bucket(s, "otherbucket")
+        request = s.client.build("GET", f"{API}/buckets/mybucket")
+        s.client.sign(request)
+        moved = s.client.build("GET", f"{API}/buckets/otherbucket")
+        moved.headers.update({k: request.headers[k]
+                              for k in ("authorization", "x-gfsp-content-sha256")})
+        r = await s.client.http.send(moved)
+        assert_error(r, 403, "SignatureDoesNotMatch")
+
+
+async def test_replayed_request_is_403(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        request = s.client.build("GET", f"{API}/buckets/mybucket")
+        s.client.sign(request)
+        assert (await s.client.http.send(request)).status_code == 200
+        again = s.client.build("GET", f"{API}/buckets/mybucket")
+        again.headers.update(request.headers)
+        r = await s.client.http.send(again)
+        assert_error(r, 403, "ReplayedRequest")
+
+
+async def test_body_hash_mismatch_is_400(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        r = await s.client.call("POST", f"{API}/approvals/create-bucket",
+                                json_body={"bucket": "abc"}, payload=b'{"bucket":"xyz"}')
+        assert_error(r, 400, "ContentSha256Mismatch")
+        assert s.fakes["approver"].steps == []
+
+
+async def test_unsigned_payload_refused_on_json_routes(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        r = await s.client.call("POST", f"{API}/approvals/create-bucket",
+                                json_body={"bucket": "abc"}, payload=None)
+        assert_error(r, 400, "UnsignedPayloadNotAllowed")
+        own_bucket(s)
+        r = await s.client.call("GET", f"{API}/buckets/mybucket", payload=None)
+        assert r.status_code == 200  # reads have no body to protect
+
+
+# --- size limits -----------------------------------------------------------------------------
+
+
+async def test_oversized_body_is_413(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(max_json_body=4096)
+        big = {"bucket": "abc", "pad": "x" * 5000}
+        r = await s.client.call("POST", f"{API}/approvals/create-bucket", json_body=big)
+        assert_error(r, 413, "EntityTooLarge")
+        r = await s.client.call("POST", f"{API}/approvals/create-bucket", json_body=big,
+                                signed=False)
+        assert_error(r, 413, "EntityTooLarge")  # refused before anything else
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(6):
+                yield b" " * 1024
+
+        request = s.client.build("POST", f"{API}/approvals/create-bucket", content=chunks(),
+                                 headers={"content-type": "application/json"})
+        assert "content-length" not in request.headers
+        s.client.sign(request, payload=b" " * 6144)
+        r = await s.client.http.send(request)
+        assert_error(r, 413, "EntityTooLarge")
+        assert s.fakes["approver"].steps == []
+        # The node still serves.
+        r = await s.client.call("POST", f"{API}/approvals/create-bucket",
+                                json_body={"bucket": "abc"})
+        assert r.status_code == 200
+
+
+async def test_oversized_head_is_refused(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(max_header_bytes=2048)
+        r = await s.client.call("GET", f"{API}/status", signed=False,
+                                headers={"x-pad": "y" * 4096})
+        assert_error(r, 431, "RequestHeaderSectionTooLarge")
+        # A head arriving in pieces is refused by h11 (hypercorn's plain 400) or by the app.
+        with trio.socket.socket() as sock:
+            await sock.connect(("127.0.0.1", s.port))
+            try:  # hypercorn may answer and close before the head is complete
+                await sock.send(b"GET /gfsp/v1/status HTTP/1.1\r\nhost: x\r\n")
+                for _ in range(8):
+                    await sock.send(b"x-pad: " + b"z" * 1000 + b"\r\n")
+                await sock.send(b"\r\n")
+            except OSError:
+                pass
+            head = await sock.recv(4096)
+        assert head.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), head[:40]
+        r = await s.client.call("GET", f"{API}/status", signed=False)
+        assert r.status_code == 200
+
+
+# --- rate and resource limits ----------------------------------------------------------------
+
+
+async def test_rate_limit_is_503_slowdown(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(rate_limit=0.1, rate_burst=2)
+        own_bucket(s)
+        for _ in range(2):
+            assert (await s.client.call("GET", f"{API}/buckets/mybucket")).status_code == 200
+        r = await s.client.call("GET", f"{API}/buckets/mybucket")
+        assert_error(r, 503, "SlowDown")
+        assert 1 <= int(r.headers["retry-after"]) <= 10
+        # Another account has its own bucket.
+        own_bucket(s, "theirs", owner=s.other)
+        assert (await s.other.call("GET", f"{API}/buckets/theirs")).status_code == 200
+
+
+async def test_rate_limited_request_may_be_retried_as_is(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(rate_limit=1000, rate_burst=1)
+        own_bucket(s)
+        assert (await s.client.call("GET", f"{API}/buckets/mybucket")).status_code == 200
+        s.gater.rate.clock = lambda: 0.0  # freeze the bucket: empty
+        request = s.client.build("GET", f"{API}/buckets/mybucket")
+        s.client.sign(request)
+        r = await s.client.http.send(request)
+        assert_error(r, 503, "SlowDown")
+        s.gater.rate.clock = trio.current_time
+        again = s.client.build("GET", f"{API}/buckets/mybucket")
+        again.headers.update(request.headers)
+        assert (await s.client.http.send(again)).status_code == 200  # the nonce was not spent
+
+
+async def test_limiter_full_is_503(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        s.ctx.limiter = ResourceLimiter(system=Limit.unlimited(), service_default=Limit())
+        r = await s.client.call("GET", f"{API}/buckets/mybucket")
+        assert_error(r, 503, "SlowDown")
+        assert r.headers["retry-after"] == "1"
+
+
+async def test_modular_not_running_is_503(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        s.ctx.modulars.mark_stopped("metadata")
+        r = await s.client.call("GET", f"{API}/buckets/mybucket")
+        assert_error(r, 503, "ServiceUnavailable")
+        assert "retry-after" in r.headers
+
+
+# --- routes (fakes) --------------------------------------------------------------------------
+
+
+async def test_approval_routes(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        r = await s.client.call("POST", f"{API}/approvals/create-bucket",
+                                json_body={"bucket": "newbucket"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["expiry_height"] == 100
+        approval = unpack(bytes.fromhex(body["approval"]))
+        assert approval["type"] == chain_msgs.APPROVAL_CREATE_BUCKET
+        assert approval["creator"] == s.client.key.address
+        assert s.fakes["approver"].steps == ["pre", "handle", "post"]
+        assert s.fakes["authorizer"].calls[-1] == (
+            AuthOpType.ASK_CREATE_BUCKET_APPROVAL, s.client.key.address, "newbucket", "")
+
+        own_bucket(s)
+        obj = {"bucket": "mybucket", "object": "dir/a b.txt", "size": 10,
+               "checksums": CHECKSUMS}
+        r = await s.client.call("POST", f"{API}/approvals/create-object", json_body=obj)
+        assert r.status_code == 200, r.text
+        approval = unpack(bytes.fromhex(r.json()["approval"]))
+        assert approval["object"] == "dir/a b.txt"
+        assert approval["content_type"] == "application/octet-stream"
+        assert approval["checksums"] == [bytes.fromhex(c) for c in CHECKSUMS]
+        r = await s.client.call("POST", f"{API}/approvals/create-object",
+                                json_body={**obj, "size": 10**10})
+        assert_error(r, 403, "AccessDenied")  # the approver said no
+        assert s.fakes["approver"].steps[-3:] == ["pre-object", "handle-object", "post-object"]
+        r = await s.other.call("POST", f"{API}/approvals/create-object", json_body=obj)
+        assert_error(r, 403, "AccessDenied")  # the authorizer said no
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"{", "MalformedJSON"),
+    (b"[" * 100_000, "MalformedJSON"),
+    (b"\xff\xfe", "MalformedJSON"),
+    (b'{"bucket": "AB"}', "InvalidArgument"),
+    (b'{"bucket": "abc", "x": 1}', "InvalidArgument"),
+    (b'{"bucket": 5}', "InvalidArgument"),
+    (b'["abc"]', "InvalidArgument"),
+    (b'{"bucket": "a\\ud800c"}', "InvalidArgument"),
+])
+async def test_bad_json_is_400(fakes: StackFactory, body: bytes, code: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(max_json_body=200_000)
+        r = await s.client.call("POST", f"{API}/approvals/create-bucket", content=body,
+                                headers={"content-type": "application/json"})
+        assert_error(r, 400, code)
+
+
+async def test_metadata_routes(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        meta = s.fakes["metadata"]
+        for name in ("a", "b/c", "b/d", "é ü"):
+            meta.objects[("mybucket", name)] = {"name": name, "checksums": [b"\x01\x02"]}
+        r = await s.client.call("GET", f"{API}/buckets/mybucket")
+        assert r.json() == {"id": 1, "name": "mybucket", "owner": s.client.key.address}
+        r = await s.client.call("GET", f"{API}/buckets/mybucket/objects",
+                                query=[("prefix", "b/"), ("limit", "1")])
+        assert r.json() == {"objects": [{"name": "b/c", "checksums": ["0102"]}],
+                            "next_start_after": "b/c"}
+        r = await s.client.call("GET", f"{API}/objects/mybucket/é ü")
+        assert r.json()["name"] == "é ü"
+        r = await s.client.call("GET", f"{API}/objects/mybucket/b/c")
+        assert r.json()["name"] == "b/c"
+        r = await s.client.call("GET", f"{API}/uploads/mybucket/b/c")
+        assert r.json()["state"] == "UPLOADING"
+        assert s.fakes["authorizer"].calls[-1] == (
+            AuthOpType.GET_UPLOADING_STATE, s.client.key.address, "mybucket", "b/c")
+        r = await s.client.call("GET", f"{API}/objects/mybucket/nope")
+        assert_error(r, 404, "NoSuchKey")
+        r = await s.client.call("GET", f"{API}/accounts/{s.client.key.address}/buckets")
+        assert r.json() == {"buckets": [{"id": 1, "name": "mybucket",
+                                         "owner": s.client.key.address}]}
+        r = await s.other.call("GET", f"{API}/accounts/{s.client.key.address}/buckets")
+        assert_error(r, 403, "AccessDenied")
+        r = await s.other.call("GET", f"{API}/buckets/mybucket")
+        assert_error(r, 403, "AccessDenied")
+        r = await s.client.call("GET", f"{API}/buckets/Not_A_Bucket")
+        assert_error(r, 400, "InvalidBucketName")
+        r = await s.client.call("GET", f"{API}/buckets/mybucket/objects",
+                                query=[("limit", "-1")])
+        assert_error(r, 400, "InvalidArgument")
+
+
+async def test_unknown_route_and_method(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        r = await s.client.call("GET", f"{API}/nothing-here")
+        assert_error(r, 404, "NotFound")
+        r = await s.client.call("DELETE", f"{API}/status", signed=False)
+        assert_error(r, 405, "MethodNotAllowed")
+        r = await s.client.call("HEAD", f"{API}/nothing-here", signed=False)
+        assert r.status_code == 404 and r.content == b""
+
+
+async def test_unexpected_error_is_500_logged_once(fakes: StackFactory,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        s.fakes["metadata"].boom = True
+        with caplog.at_level(logging.ERROR):
+            r = await s.client.call("GET", f"{API}/buckets/mybucket")
+        err = assert_error(r, 500, "InternalError")
+        assert "secret" not in r.text and "Traceback" not in r.text
+        records = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+        assert len(records) == 1
+        assert err["RequestId"] in records[0].getMessage()
+        assert records[0].exc_info is not None
+
+
+# --- graceful drain --------------------------------------------------------------------------
+
+
+async def test_drain_finishes_in_flight_and_refuses_new_connections(
+        fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        meta = s.fakes["metadata"]
+        meta.gate = trio.Event()
+        result: list[httpx.Response] = []
+        drained = trio.Event()
+
+        async def slow_request() -> None:
+            result.append(await s.client.call("GET", f"{API}/buckets/mybucket"))
+
+        async def drain() -> None:
+            await s.gater.drain()
+            drained.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_request)
+            await meta.entered.wait()
+            nursery.start_soon(drain)
+            while True:  # the listening socket closes promptly once drain begins
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", s.port)
+                except OSError:
+                    break
+                await stream.aclose()
+                await trio.sleep(0.01)
+            assert not drained.is_set()
+            with pytest.raises(httpx.ConnectError):
+                async with httpx.AsyncClient() as fresh:
+                    await fresh.get(f"{s.gater.endpoint}{API}/status")
+            meta.gate.set()
+        assert drained.is_set()
+        assert result[0].status_code == 200
+        assert result[0].json()["name"] == "mybucket"
+
+
+async def test_drain_cuts_requests_after_drain_timeout(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(drain_timeout=0.2)
+        own_bucket(s)
+        meta = s.fakes["metadata"]
+        meta.gate = trio.Event()  # never set
+        errors: list[BaseException] = []
+
+        async def stuck_request() -> None:
+            try:
+                await s.client.call("GET", f"{API}/buckets/mybucket")
+            except httpx.HTTPError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stuck_request)
+            await meta.entered.wait()
+            await s.gater.drain()  # returns after ~drain_timeout
+        assert errors and isinstance(errors[0], httpx.RemoteProtocolError)
+
+
+# --- the real modulars, end to end -----------------------------------------------------------
+
+
+async def _create_bucket(s: Stack, name: str) -> None:
+    chain = s.ctx.chain
+    assert chain is not None and s.sp is not None
+    r = await s.client.call("POST", f"{API}/approvals/create-bucket", json_body={"bucket": name})
+    assert r.status_code == 200, r.text
+    approval = unpack(bytes.fromhex(r.json()["approval"]))
+    assert approval["expiry_height"] == r.json()["expiry_height"]
+    key = s.client.key
+    await chain.broadcast(chain_msgs.sign(key, chain_msgs.create_bucket_tx(
+        pubkey=key.public_key, seq=await chain.account_seq(key.address), bucket=name,
+        primary_sp=s.sp.address, approval=approval)))
+
+
+async def _create_object(s: Stack, bucket: str, name: str) -> None:
+    chain = s.ctx.chain
+    assert chain is not None
+    params = await chain.params()
+    sums = [secrets.token_hex(32) for _ in range(1 + params.total_shards)]
+    body = {"bucket": bucket, "object": name, "size": 5, "content_type": "text/plain",
+            "checksums": sums}
+    r = await s.client.call("POST", f"{API}/approvals/create-object", json_body=body)
+    assert r.status_code == 200, r.text
+    approval = unpack(bytes.fromhex(r.json()["approval"]))
+    key = s.client.key
+    await chain.broadcast(chain_msgs.sign(key, chain_msgs.create_object_tx(
+        pubkey=key.public_key, seq=await chain.account_seq(key.address), bucket=bucket,
+        object=name, size=5, content_type="text/plain",
+        checksums=[bytes.fromhex(c) for c in sums], approval=approval)))
+
+
+async def test_real_modulars_end_to_end(real: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await real()
+        await _create_bucket(s, "realbucket")
+        r = await s.client.call("GET", f"{API}/buckets/realbucket")
+        assert r.status_code == 200, r.text
+        assert r.json()["owner"] == s.client.key.address
+        assert r.json()["primary_sp"] == s.sp.address  # type: ignore[union-attr]
+        await _create_object(s, "realbucket", "docs/hello world.txt")
+        await _create_object(s, "realbucket", "docs/second")
+        r = await s.client.call("GET", f"{API}/objects/realbucket/docs/hello world.txt")
+        assert r.status_code == 200, r.text
+        meta = r.json()
+        assert meta["status"] == "CREATED" and meta["size"] == 5
+        assert all(re.fullmatch(r"[0-9a-f]{64}", c) for c in meta["checksums"])
+        r = await s.client.call("GET", f"{API}/buckets/realbucket/objects",
+                                query=[("prefix", "docs/"), ("limit", "1")])
+        assert r.status_code == 200, r.text
+        assert [o["name"] for o in r.json()["objects"]] == ["docs/hello world.txt"]
+        assert r.json()["next_start_after"] == "docs/hello world.txt"
+        r = await s.client.call("GET", f"{API}/uploads/realbucket/docs/second")
+        assert r.status_code == 200, r.text
+        assert r.json()["state"] == "NOT_STARTED"
+        r = await s.client.call("GET", f"{API}/accounts/{s.client.key.address}/buckets")
+        assert [b["name"] for b in r.json()["buckets"]] == ["realbucket"]
+        r = await s.client.call("GET", f"{API}/status", signed=False)
+        assert isinstance(r.json()["height"], int)
+        # Refusals of the real modulars come through with their codes.
+        r = await s.other.call("GET", f"{API}/buckets/realbucket")
+        assert_error(r, 403, "AccessDenied")
+        r = await s.client.call("GET", f"{API}/buckets/nosuchbucket")
+        assert_error(r, 404, "NoSuchBucket")
+        r = await s.client.call("POST", f"{API}/approvals/create-bucket",
+                                json_body={"bucket": "realbucket"})
+        assert_error(r, 409, "BucketAlreadyExists")
+
+
+# --- the schema-driven fuzz run --------------------------------------------------------------
+
+#: Examples of the fuzz run, and its time budget (examples past it are skipped).
+FUZZ_EXAMPLES = 5000
+FUZZ_SECONDS = 25
+METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+AUTH_MODES = ("signed", "signed", "signed", "unsigned", "garbled", "wrong-key", "expired",
+              "unsigned-payload", "far-expiry")
+
+
+def strategy_for(schema: dict[str, Any], known: list[Any]) -> st.SearchStrategy[Any]:
+    """Values for a schema: conforming ones, known good ones, and plain junk."""
+    kind = schema.get("type")
+    junk = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                     st.text(max_size=20))
+    if kind == "string":
+        if "pattern" in schema and "\\u" not in schema["pattern"]:
+            good: st.SearchStrategy[Any] = st.from_regex(schema["pattern"], fullmatch=True)
+        else:
+            good = st.text(min_size=schema.get("minLength", 0),
+                           max_size=min(schema.get("maxLength", 40), 40))
+    elif kind == "integer":
+        good = st.integers(min_value=schema.get("minimum"), max_value=schema.get("maximum"))
+    elif kind == "array":
+        good = st.lists(strategy_for(schema["items"], []), min_size=schema.get("minItems", 0),
+                        max_size=min(schema.get("maxItems", 5), 5))
+    elif kind == "object":
+        props = schema.get("properties", {})
+        required = list(schema.get("required", []))
+        good = st.fixed_dictionaries(
+            {k: strategy_for(props[k], []) for k in required},
+            optional={k: strategy_for(v, []) for k, v in props.items() if k not in required})
+    else:
+        good = junk
+    options = [good, good, junk]
+    if known:
+        options.append(st.sampled_from(known))
+    return st.one_of(options)
+
+
+async def test_fuzz_no_5xx_and_still_serving(real: StackFactory) -> None:
+    with trio.fail_after(FUZZ_SECONDS + 90):
+        s = await real(rate_limit=1e6, rate_burst=1_000_000)
+        await _create_bucket(s, "fuzzbucket")
+        await _create_object(s, "fuzzbucket", "some/object")
+        doc = (await s.client.call("GET", f"{API}/openapi.json", signed=False)).json()
+        known = {"bucket": ["fuzzbucket", "nosuchbucket"], "object": ["some/object", "x"],
+                 "address": [s.client.key.address, s.other.key.address]}
+        operations = []
+        for path, item in doc["paths"].items():
+            for method, op in item.items():
+                body = op.get("requestBody", {}).get("content", {}).get(
+                    "application/json", {}).get("schema")
+                operations.append((method.upper(), path, op["parameters"], body))
+        fuzz_ops = st.sampled_from(operations)
+        token = trio.lowlevel.current_trio_token()
+        seen: list[int] = []
+
+        @st.composite
+        def requests(draw: st.DrawFn) -> dict[str, Any]:
+            method, path, params, body_schema = draw(fuzz_ops)
+            if draw(st.integers(0, 9)) == 0:
+                method = draw(st.sampled_from(METHODS))
+            query: list[tuple[str, str]] = []
+            for p in params:
+                value = draw(strategy_for(p["schema"], known.get(p["name"], [])))
+                if p["in"] == "path":
+                    text = "" if value is None else str(value)
+                    if p["name"] == "object" and draw(st.booleans()):
+                        text = draw(st.text(min_size=1, max_size=30))
+                    path = path.replace("{" + p["name"] + "}", text)
+                elif draw(st.booleans()):
+                    query.append((p["name"], "" if value is None else str(value)))
+            if draw(st.integers(0, 5)) == 0:
+                path = draw(st.sampled_from(["/", API, f"{API}/", "/x/../gfsp/v1/status"])) \
+                    + draw(st.text(max_size=20))
+            query += draw(st.lists(st.tuples(st.text(max_size=8), st.text(max_size=8)),
+                                   max_size=2))
+            content: bytes | None = None
+            if body_schema is not None or draw(st.integers(0, 4)) == 0:
+                choice = draw(st.integers(0, 3))
+                if choice == 0:
+                    content = draw(st.binary(max_size=64))
+                else:
+                    value = draw(strategy_for(body_schema or {"type": "object"}, []))
+                    content = json.dumps(value).encode()
+            return {"method": method, "path": path, "query": query, "content": content,
+                    "auth": draw(st.sampled_from(AUTH_MODES))}
+
+        async def send(req: dict[str, Any]) -> httpx.Response:
+            request = s.client.build(req["method"], req["path"], query=req["query"],
+                                     content=req["content"])
+            now = int(time.time())
+            auth = req["auth"]
+            if auth != "unsigned":
+                s.client.sign(
+                    request, key=s.other.key if auth == "wrong-key" else None,
+                    payload=None if auth == "unsigned-payload" else "body",
+                    expiry={"expired": now - 10, "far-expiry": now + 8 * 86400}.get(
+                        auth, now + 300))
+            if auth == "wrong-key":  # the other key's signature, the client's identity
+                request.headers["authorization"] = re.sub(
+                    r"Account=[^,]+,PubKey=[^,]+", f"Account={s.client.key.address},"
+                    f"PubKey={s.client.key.public_key.hex()}", request.headers["authorization"])
+            elif auth == "garbled":
+                request.headers["authorization"] = request.headers["authorization"][:-7] + "zz"
+            return await s.client.http.send(request)
+
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck),
+                  phases=[Phase.generate, Phase.shrink])
+        @given(req=requests())
+        def fuzz(req: dict[str, Any]) -> None:
+            if time.monotonic() > stop_at:
+                return  # over the time budget: let hypothesis finish quickly
+            response = trio.from_thread.run(send, req, trio_token=token)
+            assert response.status_code < 500, (req, response.status_code, response.text)
+            assert "x-gfsp-request-id" in response.headers
+            code = ""
+            if response.status_code >= 400 and req["method"] != "HEAD":
+                code = xml_error(response)["Code"]
+            seen.append((response.status_code, code))
+
+        started = time.monotonic()
+        stop_at = started + FUZZ_SECONDS
+        await trio.to_thread.run_sync(fuzz)
+        elapsed = time.monotonic() - started
+        print(f"fuzz: {len(seen)} requests in {elapsed:.1f} s:",
+              sorted(Counter(seen).items()))  # shown with pytest -s
+        assert elapsed < FUZZ_SECONDS + 30, f"the fuzz run took {elapsed:.0f} s"
+        statuses = {status for status, _ in seen}
+        assert 200 in statuses, "no example got through"
+        assert {401, 403, 400, 404} <= statuses
+        r = await s.client.call("GET", f"{API}/status", signed=False)
+        assert r.status_code == 200
+        r = await s.client.call("GET", f"{API}/buckets/fuzzbucket")
+        assert r.status_code == 200
