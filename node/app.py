@@ -27,6 +27,7 @@ from node.config import Config, LimitValues
 from node.crypto import KeySet, load_keys
 from node.db import open_spdb
 from node.errors import GfspError, ModularStartError
+from node.piecestore import open_piecestore
 from node.modular import Modular, Modulars, NodeContext
 from node.notify import Notifier
 from node.rcmgr import Limit, ResourceLimiter
@@ -125,7 +126,8 @@ class Node:
                 await background.start(chain.run)
             try:
                 yield NodeContext(config=cfg, limiter=limiter, db=db, keys=keys,
-                                  sp_registry=static or chain, chain=chain)
+                                  sp_registry=static or chain, chain=chain,
+                                  piecestore=await open_piecestore(cfg))
             finally:
                 background.cancel_scope.cancel()
                 if chain is not None:

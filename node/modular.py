@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from node.config import Config
     from node.crypto import KeySet
     from node.db import SPDB
+    from node.piecestore import PieceStore
     from node.rcmgr import ResourceLimiter
     from node.spregistry import SPRegistry
 
@@ -145,6 +146,7 @@ class NodeContext:
     keys: KeySet
     sp_registry: SPRegistry | None = None
     chain: ChainClient | None = None
+    piecestore: PieceStore | None = None
     modulars: Modulars = field(default_factory=Modulars)
     clock: Callable[[], float] = field(default=trio.current_time)
 

@@ -1,0 +1,579 @@
+"""Piece store: the interface the data path uses, and the local directory backend.
+
+Keys are made only of numbers: ``{object_id}_s{segment}`` for a primary (replicated) segment and
+``{object_id}_s{segment}_p{index}`` for an erasure-coded piece. :func:`parse_key` checks a key
+against a strict pattern (non-negative decimal integers, no leading zeros, ASCII digits only)
+before any backend turns it into a path, so no user text ever reaches the file system and no path
+traversal is possible.
+
+:class:`LocalPieceStore` keeps each piece in its own file::
+
+    <root>/<ab>/<cd>/<object_id>_s<segment>[_p<index>]
+
+where ``ab``, ``cd``... are the first ``shard_levels`` pairs of hex digits of
+``sha256(str(object_id))``: every piece of one object lives in one leaf folder, so one listing
+finds them all (:meth:`~LocalPieceStore.delete_object`, :meth:`~LocalPieceStore.keys`).
+
+A put writes a ``.tmp-<random>`` file in that leaf folder, fsyncs it (when ``fsync`` is on),
+renames it over the key and fsyncs the folder: a reader sees the old piece or the new one, never
+a torn one, and a crash mid-write leaves only a temporary file, which :meth:`~LocalPieceStore.open`
+removes. All file IO runs in worker threads (``trio.to_thread.run_sync``), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import trio
+
+from node.errors import GfspError
+
+if TYPE_CHECKING:
+    from node.config import Config
+
+log = logging.getLogger("gfsp.piecestore")
+
+#: Largest object id (Greenfield object ids are uint256) and segment / piece index (uint64).
+MAX_OBJECT_ID = 2**256 - 1
+MAX_SEGMENT = 2**64 - 1
+MAX_INDEX = 2**64 - 1
+
+#: Prefix of temporary files; never a valid key, so never listed nor counted.
+TMP_PREFIX = ".tmp-"
+
+# ASCII digits only ([0-9], not \d, which matches other scripts' digits), no leading zeros,
+# bounded length (the range check below is exact; this keeps file names short).
+_NUM_OBJECT = r"(0|[1-9][0-9]{0,77})"
+_NUM_SMALL = r"(0|[1-9][0-9]{0,19})"
+_KEY_RE = re.compile(rf"{_NUM_OBJECT}_s{_NUM_SMALL}(?:_p{_NUM_SMALL})?", re.ASCII)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class PieceStoreError(GfspError):
+    """The piece store failed (OS errors are mapped to this at the boundary)."""
+
+
+class InvalidPieceKey(PieceStoreError, ValueError):
+    """A key is not ``{object_id}_s{segment}`` nor ``{object_id}_s{segment}_p{index}``."""
+
+
+class InvalidPieceRange(PieceStoreError, ValueError):
+    """A read's ``offset`` / ``length`` is negative or not an int."""
+
+
+class PieceNotFound(PieceStoreError):
+    """No piece is stored under that key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"piece {key!r} not found")
+        self.key = key
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PieceKey:
+    """A parsed key; ``index`` is None for a primary segment, the EC piece index otherwise."""
+
+    object_id: int
+    segment: int
+    index: int | None = None
+
+    @property
+    def key(self) -> str:
+        if self.index is None:
+            return segment_key(self.object_id, self.segment)
+        return piece_key(self.object_id, self.segment, self.index)
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def _check_int(name: str, value: object, hi: int) -> int:
+    if type(value) is not int:  # bool is an int subclass: refuse it too
+        raise InvalidPieceKey(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= hi:
+        raise InvalidPieceKey(f"{name} out of range: {value}")
+    return value
+
+
+def segment_key(object_id: int, segment: int) -> str:
+    """The key of a primary segment: ``{object_id}_s{segment}``."""
+    _check_int("object_id", object_id, MAX_OBJECT_ID)
+    _check_int("segment", segment, MAX_SEGMENT)
+    return f"{object_id}_s{segment}"
+
+
+def piece_key(object_id: int, segment: int, index: int) -> str:
+    """The key of an erasure-coded piece: ``{object_id}_s{segment}_p{index}``."""
+    _check_int("object_id", object_id, MAX_OBJECT_ID)
+    _check_int("segment", segment, MAX_SEGMENT)
+    _check_int("index", index, MAX_INDEX)
+    return f"{object_id}_s{segment}_p{index}"
+
+
+def parse_key(key: str) -> PieceKey:
+    """Parse and validate a key; anything but a canonical key raises :class:`InvalidPieceKey`."""
+    if not isinstance(key, str):
+        raise InvalidPieceKey(f"piece key must be a str, not {type(key).__name__}")
+    m = _KEY_RE.fullmatch(key)
+    if m is None:
+        raise InvalidPieceKey(f"invalid piece key {key[:100]!r}")
+    object_id, segment = int(m.group(1)), int(m.group(2))
+    index = None if m.group(3) is None else int(m.group(3))
+    if object_id > MAX_OBJECT_ID or segment > MAX_SEGMENT or (
+        index is not None and index > MAX_INDEX
+    ):
+        raise InvalidPieceKey(f"piece key out of range: {key!r}")
+    return PieceKey(object_id, segment, index)
+
+
+def _is_key(name: str) -> bool:
+    try:
+        parse_key(name)
+    except InvalidPieceKey:
+        return False
+    return True
+
+
+def _sort_keys(keys: Iterable[str]) -> list[str]:
+    def order(k: str) -> tuple[int, int, int]:
+        p = parse_key(k)
+        return (p.object_id, p.segment, -1 if p.index is None else p.index)
+
+    return sorted(keys, key=order)
+
+
+# --- interface --------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class PieceStore(Protocol):
+    """What the uploader, receiver, downloader, executor and GC need of a piece store.
+
+    Every method that takes a key validates it with :func:`parse_key` first
+    (:class:`InvalidPieceKey`). Backend failures raise :class:`PieceStoreError`.
+    """
+
+    async def put(self, key: str, data: bytes | memoryview) -> None:
+        """Store ``data`` under ``key`` atomically, replacing any piece already there.
+
+        The caller must not modify a memoryview's buffer until ``put`` returns.
+        """
+        ...
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read ``length`` bytes (all when None) from ``offset``.
+
+        A range reaching past the end returns the bytes that exist (``b""`` when ``offset`` is
+        at or past the end), like a file read; check :meth:`size` to tell. Raises
+        :class:`PieceNotFound` when missing, :class:`InvalidPieceRange` for a negative or
+        non-int ``offset``/``length``.
+        """
+        ...
+
+    async def size(self, key: str) -> int | None:
+        """The piece's size in bytes, None when missing."""
+        ...
+
+    async def exists(self, key: str) -> bool:
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove a piece; True when something was removed."""
+        ...
+
+    async def delete_object(self, object_id: int) -> int:
+        """Remove every segment and piece of an object; returns how many were removed."""
+        ...
+
+    async def keys(self, object_id: int | None = None) -> list[str]:
+        """Keys of one object, or all keys (O(n)), sorted by (object, segment, index)."""
+        ...
+
+    def used_bytes(self) -> int:
+        """Bytes held by stored pieces (not counting temporary files)."""
+        ...
+
+    def free_bytes(self) -> int:
+        """Free bytes on the store's file system (or quota)."""
+        ...
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more would still leave ``min_free_bytes`` free."""
+        ...
+
+
+# --- local directory backend ------------------------------------------------------------------
+
+
+class _KeyLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()
+        self.users = 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+class LocalPieceStore:
+    """A :class:`PieceStore` on a local folder; call :meth:`open` (or use
+    :func:`open_piecestore`) before anything else.
+
+    ``shard_levels`` levels of two-hex-digit folders (0: every piece in ``root``); ``fsync``
+    makes each put durable before it returns (file, then folder after the rename);
+    ``min_free_bytes`` is the floor :meth:`has_room` keeps. ``put`` does not check room itself:
+    the caller decides (with :meth:`has_room`) whether to accept new data.
+
+    Concurrent operations on one key are serialised by a per-key lock around the rename/unlink
+    and the size accounting, so ``used_bytes`` stays exact; the slow part of a put (writing and
+    fsyncing the temporary file) runs outside the lock, and the last rename wins.
+    """
+
+    def __init__(self, root: Path, *, shard_levels: int = 2, fsync: bool = True,
+                 min_free_bytes: int = 0) -> None:
+        if type(shard_levels) is not int or not 0 <= shard_levels <= 32:
+            raise ValueError(f"shard_levels must be an int in 0..32, not {shard_levels!r}")
+        if min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must be >= 0, not {min_free_bytes!r}")
+        self.root = Path(root)
+        self.shard_levels = shard_levels
+        self.fsync = bool(fsync)
+        self.min_free_bytes = int(min_free_bytes)
+        self._used = 0
+        self._opened = False
+        self._locks: dict[str, _KeyLock] = {}
+
+    # -- lifecycle --
+
+    @classmethod
+    async def create(cls, root: Path, *, shard_levels: int = 2, fsync: bool = True,
+                     min_free_bytes: int = 0) -> LocalPieceStore:
+        """Construct and :meth:`open` a store."""
+        store = cls(root, shard_levels=shard_levels, fsync=fsync, min_free_bytes=min_free_bytes)
+        await store.open()
+        return store
+
+    async def open(self) -> LocalPieceStore:
+        """Create the root, remove leftover temporary files, and count the stored bytes.
+
+        A piece found outside its shard folder (``shard_levels`` changed) is moved into place
+        unless a piece with that key is already there, in which case it is left alone, logged
+        and not counted. Files that are neither keys nor temporary files are ignored.
+        """
+        self._used = await trio.to_thread.run_sync(self._scan_sync)
+        self._opened = True
+        return self
+
+    def _scan_sync(self) -> int:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            used = 0
+            removed = 0
+            for dirpath, _dirnames, filenames in os.walk(self.root):
+                here = Path(dirpath)
+                for name in filenames:
+                    path = here / name
+                    if name.startswith(TMP_PREFIX):
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+                            removed += 1
+                        continue
+                    if not _is_key(name):
+                        continue
+                    want = self._path(name)
+                    if path != want:
+                        if want.exists():
+                            log.warning("piece %s found at %s duplicates %s; left alone",
+                                        name, path, want)
+                            continue
+                        self._ensure_dir(want.parent)
+                        os.replace(path, want)
+                        log.info("piece %s moved from %s to its shard folder", name, path)
+                        path = want
+                    size = _file_size(path)
+                    if size is not None:
+                        used += size
+            if removed:
+                log.info("removed %d leftover temporary file(s) under %s", removed, self.root)
+            return used
+        except OSError as e:
+            raise PieceStoreError(f"cannot open piece store at {self.root}: {e}") from e
+
+    def _check_open(self) -> None:
+        if not self._opened:
+            raise PieceStoreError("piece store is not open: call await store.open() first")
+
+    # -- layout --
+
+    def _shard_dir(self, object_id: int) -> Path:
+        if self.shard_levels == 0:
+            return self.root
+        digest = hashlib.sha256(str(object_id).encode("ascii")).hexdigest()
+        parts = [digest[2 * i: 2 * i + 2] for i in range(self.shard_levels)]
+        return self.root.joinpath(*parts)
+
+    def _path(self, key: str) -> Path:
+        """The file of a key; the key is validated here, so no other text reaches a path."""
+        pk = parse_key(key)
+        return self._shard_dir(pk.object_id) / pk.key
+
+    def _ensure_dir(self, leaf: Path) -> None:
+        """Create the shard folders down to ``leaf``; fsync each new folder's parent."""
+        rel = leaf.relative_to(self.root)
+        cur = self.root
+        for part in rel.parts:
+            cur = cur / part
+            try:
+                cur.mkdir()
+            except FileExistsError:
+                continue
+            if self.fsync:
+                _fsync_dir(cur.parent)
+
+    # -- per-key lock --
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = _KeyLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[key]
+
+    # -- operations --
+
+    async def put(self, key: str, data: bytes | memoryview) -> None:
+        path = self._path(key)
+        self._check_open()
+        view = memoryview(data)
+        tmp = await trio.to_thread.run_sync(self._write_tmp_sync, path.parent, view)
+        try:
+            async with self._locked(key):
+                delta = await trio.to_thread.run_sync(self._commit_sync, tmp, path)
+                # No checkpoint between the thread's return and this line, so a cancellation
+                # cannot lose the accounting of a rename that happened.
+                self._used += delta
+        except BaseException:
+            # Cancelled while waiting for the lock, or the rename failed: drop the temp file
+            # (a no-op when the rename happened).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_unlink_quietly, tmp)
+            raise
+
+    def _write_tmp_sync(self, folder: Path, view: memoryview) -> Path:
+        tmp = folder / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            self._ensure_dir(folder)
+            with tmp.open("xb") as f:
+                f.write(view)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise PieceStoreError(f"cannot write piece {tmp.name} under {folder}: {e}") from e
+        return tmp
+
+    def _commit_sync(self, tmp: Path, path: Path) -> int:
+        """Rename ``tmp`` over ``path``; returns the change of used bytes."""
+        try:
+            new = tmp.stat().st_size
+            old = _file_size(path) or 0
+            os.replace(tmp, path)
+            if self.fsync:
+                _fsync_dir(path.parent)
+        except OSError as e:
+            raise PieceStoreError(f"cannot store piece {path.name}: {e}") from e
+        return new - old
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(key)
+        if type(offset) is not int or offset < 0:
+            raise InvalidPieceRange(f"offset must be an int >= 0, not {offset!r}")
+        if length is not None and (type(length) is not int or length < 0):
+            raise InvalidPieceRange(f"length must be None or an int >= 0, not {length!r}")
+        self._check_open()
+        return await trio.to_thread.run_sync(self._read_sync, key, path, offset, length)
+
+    @staticmethod
+    def _read_sync(key: str, path: Path, offset: int, length: int | None) -> bytes:
+        try:
+            with path.open("rb") as f:
+                if length == 0:
+                    return b""
+                if offset:
+                    f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except FileNotFoundError:
+            raise PieceNotFound(key) from None
+        except OSError as e:
+            raise PieceStoreError(f"cannot read piece {key}: {e}") from e
+
+    async def size(self, key: str) -> int | None:
+        path = self._path(key)
+        self._check_open()
+        try:
+            return await trio.to_thread.run_sync(_file_size, path)
+        except OSError as e:
+            raise PieceStoreError(f"cannot stat piece {key}: {e}") from e
+
+    async def exists(self, key: str) -> bool:
+        return await self.size(key) is not None
+
+    async def delete(self, key: str) -> bool:
+        path = self._path(key)
+        self._check_open()
+        async with self._locked(key):
+            removed = await self._unlink([path], f"piece {key}")
+        return removed > 0
+
+    async def _unlink(self, paths: list[Path], what: str) -> int:
+        """Remove files (caller holds their key locks) and account for them; returns count."""
+        try:
+            freed, removed = await trio.to_thread.run_sync(self._unlink_sync, paths)
+        except _PartialUnlink as e:
+            self._used -= e.freed
+            raise PieceStoreError(f"cannot delete {what}: {e.cause}") from e.cause
+        self._used -= freed
+        return removed
+
+    def _unlink_sync(self, paths: list[Path]) -> tuple[int, int]:
+        """Remove files; returns (bytes freed, files removed)."""
+        freed = removed = 0
+        try:
+            for path in paths:
+                size = _file_size(path)
+                if size is None:
+                    continue
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                freed += size
+                removed += 1
+            if removed and self.fsync:
+                _fsync_dir(paths[0].parent)
+        except OSError as e:
+            # Account for what was removed before the failure is reported.
+            raise _PartialUnlink(freed, removed, e) from e
+        return freed, removed
+
+    async def delete_object(self, object_id: int) -> int:
+        _check_int("object_id", object_id, MAX_OBJECT_ID)
+        self._check_open()
+        keys = await self.keys(object_id)
+        if not keys:
+            return 0
+        async with contextlib.AsyncExitStack() as stack:
+            for k in sorted(keys):  # one global order: no deadlock between two delete_objects
+                await stack.enter_async_context(self._locked(k))
+            return await self._unlink([self._path(k) for k in keys],
+                                      f"pieces of object {object_id}")
+
+    async def keys(self, object_id: int | None = None) -> list[str]:
+        self._check_open()
+        if object_id is None:
+            names = await trio.to_thread.run_sync(self._all_keys_sync)
+        else:
+            _check_int("object_id", object_id, MAX_OBJECT_ID)
+            names = await trio.to_thread.run_sync(self._object_keys_sync, object_id)
+        return _sort_keys(names)
+
+    def _object_keys_sync(self, object_id: int) -> list[str]:
+        prefix = f"{object_id}_s"
+        try:
+            with os.scandir(self._shard_dir(object_id)) as it:
+                return [e.name for e in it
+                        if e.name.startswith(prefix) and _is_key(e.name) and e.is_file()]
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise PieceStoreError(f"cannot list pieces of object {object_id}: {e}") from e
+
+    def _all_keys_sync(self) -> list[str]:
+        out: list[str] = []
+        try:
+            for dirpath, _dirnames, filenames in os.walk(self.root):
+                here = Path(dirpath)
+                for name in filenames:
+                    # Only files in their own shard folder are the store's keys.
+                    if _is_key(name) and self._path(name).parent == here:
+                        out.append(name)
+        except OSError as e:
+            raise PieceStoreError(f"cannot list pieces under {self.root}: {e}") from e
+        return out
+
+    # -- space --
+
+    def used_bytes(self) -> int:
+        return self._used
+
+    def free_bytes(self) -> int:
+        """Free bytes for an unprivileged user on the root's file system (one statvfs call)."""
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError as e:
+            raise PieceStoreError(f"cannot read free space of {self.root}: {e}") from e
+
+    def has_room(self, nbytes: int) -> bool:
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, not {nbytes!r}")
+        return self.free_bytes() - nbytes >= self.min_free_bytes
+
+
+class _PartialUnlink(Exception):
+    """Internal: an unlink batch failed part-way; never escapes this module."""
+
+    def __init__(self, freed: int, removed: int, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.freed = freed
+        self.removed = removed
+        self.cause = cause
+
+
+async def open_piecestore(config: Config) -> LocalPieceStore:
+    """Open the local piece store the node config describes (``[piecestore]``)."""
+    ps = config.piecestore
+    return await LocalPieceStore.create(
+        config.piecestore_path, shard_levels=ps.shard_levels, fsync=ps.fsync,
+        min_free_bytes=ps.min_free_bytes)
