@@ -27,9 +27,9 @@ from node.config import Config, LimitValues
 from node.crypto import KeySet, load_keys
 from node.db import open_spdb
 from node.errors import GfspError, ModularStartError
-from node.piecestore import open_piecestore
 from node.modular import Modular, Modulars, NodeContext
 from node.notify import Notifier
+from node.piecestore import open_piecestore
 from node.rcmgr import Limit, ResourceLimiter
 from node.registry import build_modulars, resolve_factories, start_order
 from node.spregistry import SPRegistry, StaticSPRegistry, wall_clock_height
