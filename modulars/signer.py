@@ -14,12 +14,15 @@ to ``signer.seal_retries``), and a seal whose object is already sealed counts as
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 
 from node import chain_msgs
+from node.auth import new_nonce, sign_request
 from node.chain import ChainClient, ChainUnavailable
 from node.chain_msgs import ChainError
 from node.crypto import KeySet, PrivateKey, pack, signing_bytes
@@ -56,6 +59,21 @@ class Signer(ModularBase):
     @property
     def approval_address(self) -> str:
         return self._keys.approval.address
+
+    @property
+    def approval_public_key(self) -> bytes:
+        return self._keys.approval.public_key
+
+    def sign_http_request(self, method: str, url: str, *,
+                          query: Sequence[tuple[str, str]] = (), body_sha256: str | None,
+                          headers: Mapping[str, str] | None = None,
+                          expiry_seconds: int = 300) -> dict[str, str]:
+        """Headers authenticating an SP-to-SP HTTP request as this SP's operator."""
+        parts = urlsplit(url)
+        hdrs = {"host": parts.netloc, **(headers or {})}
+        hdrs.update(sign_request(self._keys.operator, method, parts.path, query, hdrs,
+                                 body_sha256, int(time.time()) + expiry_seconds, new_nonce()))
+        return hdrs
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:

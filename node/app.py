@@ -26,7 +26,7 @@ from node.chain import ChainError, DevChainClient
 from node.config import Config, LimitValues
 from node.crypto import KeySet, load_keys
 from node.db import open_spdb
-from node.errors import GfspError, ModularStartError
+from node.errors import GfspError, ModularStartError, unwrap
 from node.modular import Modular, Modulars, NodeContext
 from node.notify import Notifier
 from node.piecestore import open_piecestore
@@ -158,7 +158,7 @@ class Node:
                     await self._drain(modulars)
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise _unwrap(group) from None
+            raise unwrap(group) from None
 
     async def _start_all(self, nursery: trio.Nursery, ctx: NodeContext,
                          modulars: Mapping[str, Modular]) -> None:
@@ -223,15 +223,3 @@ class Node:
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-def _unwrap(group: BaseExceptionGroup) -> BaseException:
-    """The first GfspError inside a (nested) group, else the group itself."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            inner = _unwrap(exc)
-            if inner is not exc:
-                return inner
-        elif isinstance(exc, GfspError):
-            return exc
-    return group

@@ -104,3 +104,25 @@ class ServiceUnavailable(ServiceError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__("SlowDown", message, 503)
         self.retry_after = retry_after
+
+
+def unwrap(group: BaseExceptionGroup) -> BaseException:
+    """The exception a (nested) nursery group stands for: its first GfspError, else its first
+    leaf that is not a cancellation, else the group itself."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, GfspError):
+            return leaf
+    for leaf in leaves:
+        if type(leaf).__name__ != "Cancelled":
+            return leaf
+    return group

@@ -1,0 +1,386 @@
+"""TaskExecutor: runs the background tasks the manager hands out (the seed's TaskExecutor).
+
+``executor.workers`` workers each ask the manager for the most urgent task that fits what the
+executor's limiter scope has left (:meth:`ask_task`), reserve its estimate for the run, handle
+it, and report the result (:meth:`report_task`):
+
+- ReplicatePiece (primary): approvals from the P2P modular (min = data + parity, max = min +
+  ``p2p.approval_backups``); each segment is read from the piece store once, erasure-coded in a
+  worker thread, and piece ``i`` is sent to secondary ``i``'s receiver (signed HTTP, the
+  approval attached). A secondary that fails is replaced by a backup approval, which gets every
+  piece of that index again. Each secondary's "done" returns its integrity signature, checked
+  against its approval key on the chain and the object's checksum for its index. Then the task
+  carries the secondaries and signatures, and the manager queues the seal.
+- SealObject: the signer seals on the chain (it retries sequence problems itself).
+- ReceivePiece (secondary): confirm the object was sealed with us at our index; when it is not
+  sealed within ``executor.seal_confirm_timeout`` (or sealed without us, or deleted), collect
+  our pieces.
+- GCObject: objects deleted on the chain between two heights lose their pieces and records;
+  GCZombiePiece: pieces with no object on the chain (and no upload or receive in progress), or
+  of an index this SP does not hold; GCMeta: old task and read records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import time
+
+import httpx
+import trio
+
+from modulars.signer import integrity_payload
+from node.chain import ChainClient, ChainError, require_chain
+from node.crypto import verify
+from node.ec import Codec
+from node.errors import GfspError, SignatureError
+from node.modular import ModularBase, NodeContext
+from node.piecestore import PieceStore, parse_key, segment_key
+from node.tasks import (
+    GCMetaTask,
+    GCObjectTask,
+    GCZombiePieceTask,
+    ReceivePieceTask,
+    ReplicatePieceApprovalTask,
+    ReplicatePieceTask,
+    SealObjectTask,
+    Task,
+)
+from p2p.messages import ApprovalResponse, encode
+
+log = logging.getLogger("gfsp.executor")
+
+APPROVAL_HEADER = "x-gfsp-approval"
+
+
+class ReplicateError(GfspError):
+    """A replication step failed (the task is retried by the manager)."""
+
+
+class NotSealedYet(GfspError):
+    """A secondary's confirm task: the object is not sealed yet (retried later)."""
+
+
+def replicate_path(object_id: int, index: int, segment: int | None = None) -> str:
+    """The receiver's route for one piece, or for "done" when ``segment`` is None."""
+    tail = "done" if segment is None else str(segment)
+    return f"/gfsp/v1/replicate/{object_id}/{index}/{tail}"
+
+
+class TaskExecutor(ModularBase):
+    name = "executor"
+    requires = ("signer", "manager", "p2p")
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self.cfg = ctx.config.executor
+        self.http: httpx.AsyncClient | None = None
+        self.running: dict[str, Task] = {}
+
+    @property
+    def store(self) -> PieceStore:
+        assert self.ctx.piecestore is not None
+        return self.ctx.piecestore
+
+    @property
+    def chain(self) -> ChainClient:
+        return require_chain(self.ctx)
+
+    def query_tasks(self, prefix: str = "") -> list[Task]:
+        return [t for k, t in self.running.items() if k.startswith(prefix)]
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        if self.ctx.piecestore is None:
+            raise RuntimeError("the executor needs a piece store")
+        timeout = httpx.Timeout(self.ctx.config.p2p.request_timeout * 6,
+                                connect=self.ctx.config.p2p.connect_timeout)
+        async with httpx.AsyncClient(timeout=timeout) as http, trio.open_nursery() as nursery:
+            self.http = http
+            for _ in range(self.cfg.workers):
+                nursery.start_soon(self._worker)
+            nursery.start_soon(self._watch_deletions)
+            task_status.started()
+
+    # --- asking for work ------------------------------------------------------------------
+
+    async def ask_task(self) -> Task | None:
+        """The seed's AskTask: the most urgent task that fits what this scope has left."""
+        remaining = self.ctx.limiter.remaining(self.name)
+        return await self.ctx.modulars.manager.dispatch_task(remaining)
+
+    async def _worker(self) -> None:
+        manager = self.ctx.modulars.manager
+        while True:
+            task = await self.ask_task()
+            if task is None:
+                await manager.wait_for_work(self.cfg.ask_interval)
+                continue
+            await self.run_task(task)
+
+    async def run_task(self, task: Task) -> None:
+        """Handle one task within its reserved estimate, then report it."""
+        estimate = task.estimate()
+        self.running[task.key] = task
+        error = ""
+        try:
+            with self.ctx.limiter.span(self.name, memory=estimate.memory,
+                                       task_priority=task.priority):
+                await self.handle(task)
+        except (GfspError, httpx.HTTPError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            level = logging.INFO if isinstance(exc, NotSealedYet) else logging.WARNING
+            log.log(level, "task %s failed: %s", task.key, error, extra={"task_key": task.key})
+        finally:
+            self.running.pop(task.key, None)
+        task.set_error(error or None)
+        await self.report_task(task)
+
+    async def report_task(self, task: Task) -> None:
+        """The seed's ReportTask: hand the result to the manager."""
+        await self.ctx.modulars.manager.report_task(task, task.error or None)
+
+    async def handle(self, task: Task) -> None:
+        if isinstance(task, ReplicatePieceTask):
+            await self.handle_replicate_piece_task(task)
+        elif isinstance(task, SealObjectTask):
+            await self.handle_seal_object_task(task)
+        elif isinstance(task, ReceivePieceTask):
+            await self.handle_receive_piece_task(task)
+        elif isinstance(task, GCObjectTask):
+            await self.handle_gc_object_task(task)
+        elif isinstance(task, GCZombiePieceTask):
+            await self.handle_gc_zombie_piece_task(task)
+        elif isinstance(task, GCMetaTask):
+            await self.handle_gc_meta_task(task)
+        else:
+            raise ReplicateError(f"the executor does not run {type(task).__name__}")
+
+    # --- ReplicatePiece -------------------------------------------------------------------
+
+    async def handle_replicate_piece_task(self, task: ReplicatePieceTask) -> None:
+        obj, params = task.object, task.params
+        n = params.data_shards + params.parity_shards
+        p2p = self.ctx.modulars.p2p
+        ask = ReplicatePieceApprovalTask(object=obj, params=params)
+        approvals = await p2p.handle_replicate_piece_approval(
+            ask, n, n + self.ctx.config.p2p.approval_backups)
+        targets: list[ApprovalResponse] = list(approvals[:n])
+        backups: list[ApprovalResponse] = list(approvals[n:])
+        codec = Codec(params.data_shards, params.parity_shards)
+        segments = params.segment_count(obj.size)
+        for segment in range(segments):
+            pieces = await self._pieces(codec, obj.id, segment)
+            failed: list[int] = []
+            async with trio.open_nursery() as nursery:
+                for index in range(n):
+                    nursery.start_soon(self._send_or_mark, targets[index], obj.id, index,
+                                       segment, pieces[index], failed)
+            for index in failed:
+                await self._switch(targets, backups, index, codec, obj.id, segment + 1)
+        signatures: list[bytes] = [b""] * n
+        for index in range(n):
+            while True:
+                try:
+                    signatures[index] = await self._done(targets[index], task, index)
+                    break
+                except (ReplicateError, httpx.HTTPError) as exc:
+                    log.warning("secondary %s failed done for %s index %d: %s",
+                                targets[index].approver, task.key, index, exc)
+                    await self._switch(targets, backups, index, codec, obj.id, segments)
+        task.secondaries = [t.approver for t in targets]
+        task.secondary_signatures = signatures
+
+    async def _pieces(self, codec: Codec, object_id: int, segment: int) -> list[bytes]:
+        data = await self.store.get(segment_key(object_id, segment))
+        return await trio.to_thread.run_sync(codec.encode, data)
+
+    async def _send_or_mark(self, approval: ApprovalResponse, object_id: int, index: int,
+                            segment: int, piece: bytes, failed: list[int]) -> None:
+        try:
+            await self._send(approval, object_id, index, segment, piece)
+        except (ReplicateError, httpx.HTTPError) as exc:
+            log.warning("piece %d/%d of object %d to %s failed: %s", segment, index,
+                        object_id, approval.approver, exc)
+            failed.append(index)
+
+    async def _send(self, approval: ApprovalResponse, object_id: int, index: int,
+                    segment: int, piece: bytes) -> None:
+        assert self.http is not None
+        url = approval.endpoint.rstrip("/") + replicate_path(object_id, index, segment)
+        digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(piece).hexdigest())
+        headers = self.ctx.modulars.signer.sign_http_request(
+            "PUT", url, body_sha256=digest, headers={APPROVAL_HEADER: encode(approval).hex()})
+        response = await self.http.put(url, content=piece, headers=headers)
+        if response.status_code != 200:
+            raise ReplicateError(f"HTTP {response.status_code}: {response.text[:200]}")
+
+    async def _switch(self, targets: list[ApprovalResponse], backups: list[ApprovalResponse],
+                      index: int, codec: Codec, object_id: int, upto: int) -> None:
+        """Give ``index`` to the next backup and send it segments ``0..upto-1`` again."""
+        while backups:
+            approval = backups.pop(0)
+            log.info("index %d of object %d moves from %s to backup %s", index, object_id,
+                     targets[index].approver, approval.approver)
+            targets[index] = approval
+            try:
+                for segment in range(upto):
+                    pieces = await self._pieces(codec, object_id, segment)
+                    await self._send(approval, object_id, index, segment, pieces[index])
+                return
+            except (ReplicateError, httpx.HTTPError) as exc:
+                log.warning("backup %s failed too: %s", approval.approver, exc)
+        raise ReplicateError(f"index {index} of object {object_id}: no secondary left")
+
+    async def _done(self, approval: ApprovalResponse, task: ReplicatePieceTask,
+                    index: int) -> bytes:
+        assert self.http is not None
+        obj = task.object
+        url = approval.endpoint.rstrip("/") + replicate_path(obj.id, index)
+        headers = self.ctx.modulars.signer.sign_http_request(
+            "POST", url, body_sha256=hashlib.sha256(b"").hexdigest(),
+            headers={APPROVAL_HEADER: encode(approval).hex()})
+        response = await self.http.post(url, content=b"", headers=headers)
+        if response.status_code != 200:
+            raise ReplicateError(f"done: HTTP {response.status_code}: {response.text[:200]}")
+        body = response.json()
+        signature = bytes.fromhex(body["signature"])
+        checksum = obj.checksums[1 + index]
+        if bytes.fromhex(body["integrity_hash"]) != checksum:
+            raise ReplicateError("the secondary's integrity hash differs from the chain's")
+        sp = await self.chain.get_sp(approval.approver)
+        if sp is None:
+            raise ReplicateError(f"{approval.approver} is not registered")
+        try:
+            verify(sp.approval_key, integrity_payload(obj.id, checksum), signature)
+        except SignatureError:
+            raise ReplicateError("the secondary's integrity signature is invalid") from None
+        return signature
+
+    # --- SealObject -----------------------------------------------------------------------
+
+    async def handle_seal_object_task(self, task: SealObjectTask) -> None:
+        await self.ctx.modulars.signer.seal_object(
+            object_id=task.object.id, secondaries=task.secondaries,
+            secondary_sigs=task.secondary_signatures)
+
+    # --- ReceivePiece: confirm the seal on a secondary ------------------------------------
+
+    async def handle_receive_piece_task(self, task: ReceivePieceTask) -> None:
+        me = self.ctx.modulars.signer.operator_address
+        obj = await self.chain.get_object_by_id(task.object.id)
+        idx = task.redundancy_index
+        if obj is not None and obj.sealed:
+            if idx < len(obj.secondaries) and obj.secondaries[idx] == me:
+                task.sealed = True
+                return
+            await self._drop_index(task.object.id, idx)
+            return
+        if obj is None or time.time() - task.create_time > self.cfg.seal_confirm_timeout:
+            await self._drop_index(task.object.id, idx)
+            return
+        raise NotSealedYet(f"object {task.object.id} is not sealed yet")
+
+    async def _drop_index(self, object_id: int, index: int) -> None:
+        for key in await self.store.keys(object_id):
+            if parse_key(key).index == index:
+                await self.store.delete(key)
+        await self.ctx.db.run(lambda c: _forget_index(c, object_id, index))
+        log.info("collected the pieces of object %d index %d", object_id, index)
+
+    # --- GC -------------------------------------------------------------------------------
+
+    async def handle_gc_object_task(self, task: GCObjectTask) -> None:
+        after = 0
+        while True:
+            events = await self.chain.events_since(task.start_height, after=after)
+            if not events:
+                break
+            for event in events:
+                after = max(after, event.index)
+                if event.height > task.end_height:
+                    break
+                if event.kind == "object_deleted" and event.object_id is not None:
+                    await self.forget_object(event.object_id)
+                    task.last_deleted_object_id = event.object_id
+            if events[-1].height > task.end_height:
+                break
+        task.current_height = task.end_height
+        await self.ctx.db.run(lambda c: c.execute(
+            "INSERT OR REPLACE INTO gc_progress (kind, last_height, last_key, update_time) "
+            "VALUES ('object', ?, '', ?)", (task.end_height, time.time())))
+
+    async def forget_object(self, object_id: int) -> None:
+        removed = await self.store.delete_object(object_id)
+        await self.ctx.db.run(lambda c: _forget_object(c, object_id))
+        if removed:
+            log.info("collected %d pieces of deleted object %d", removed, object_id)
+
+    async def handle_gc_zombie_piece_task(self, task: GCZombiePieceTask) -> None:
+        me = self.ctx.modulars.signer.operator_address
+        by_object: dict[int, list[str]] = {}
+        for key in await self.store.keys():
+            by_object.setdefault(parse_key(key).object_id, []).append(key)
+        for object_id, keys in by_object.items():
+            if await self._in_progress(object_id):
+                continue
+            obj = await self.chain.get_object_by_id(object_id)
+            if obj is None:
+                await self.forget_object(object_id)
+                continue
+            if not obj.sealed:
+                continue
+            bucket = await self.chain.get_bucket(obj.bucket)
+            primary = bucket is not None and bucket.primary_sp == me
+            for key in keys:
+                k = parse_key(key)
+                keep = (k.index is None and primary) or (
+                    k.index is not None and k.index < len(obj.secondaries)
+                    and obj.secondaries[k.index] == me)
+                if not keep:
+                    await self.store.delete(key)
+
+    async def _in_progress(self, object_id: int) -> bool:
+        """An upload, replication or receive of the object is still queued or running."""
+        def query(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM tasks WHERE state IN ('pending', 'running') AND key LIKE ? "
+                "LIMIT 1", (f"%-id:{object_id}%",)).fetchone()
+            return row is not None
+        return await self.ctx.db.run(query)
+
+    async def handle_gc_meta_task(self, task: GCMetaTask) -> None:
+        horizon = time.time() - self.ctx.config.manager.meta_retention
+        task.delete_count = await self.ctx.modulars.manager.gc_meta(horizon)
+        await self.ctx.db.run(lambda c: c.execute(
+            "DELETE FROM read_records WHERE ts < ?", (horizon,)))
+
+    async def _watch_deletions(self) -> None:
+        """Every ``manager.gc_interval``: schedule a GCObject over the heights not yet seen."""
+        while True:
+            await trio.sleep(self.ctx.config.manager.gc_interval)
+            try:
+                height = await self.chain.current_height()
+            except ChainError as exc:
+                log.warning("gc: chain unavailable: %s", exc)
+                continue
+            last = await self.ctx.db.run(_last_gc_height)
+            if height > last:
+                await self.ctx.modulars.manager.schedule_gc_object(last, height)
+
+
+def _last_gc_height(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT last_height FROM gc_progress WHERE kind = 'object'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _forget_object(conn: sqlite3.Connection, object_id: int) -> None:
+    for table in ("piece_hashes", "integrity_meta", "upload_progress"):
+        conn.execute(f"DELETE FROM {table} WHERE object_id = ?", (object_id,))
+
+
+def _forget_index(conn: sqlite3.Connection, object_id: int, index: int) -> None:
+    for table in ("piece_hashes", "integrity_meta"):
+        conn.execute(f"DELETE FROM {table} WHERE object_id = ? AND redundancy_index = ?",
+                     (object_id, index))

@@ -1,0 +1,150 @@
+"""The uploader on a real SPDB and piece store: segments, integrity check against the object's
+checksum, cleanup on every failure, limiter admission."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from modulars.uploader import BadDigest, IncompleteUpload, Uploader
+from node.app import build_limiter
+from node.config import Config, LimitsSection, LimitValues
+from node.crypto import unpack
+from node.db import open_spdb
+from node.ec import object_checksums, split
+from node.errors import ServiceUnavailable
+from node.modular import NodeContext
+from node.piecestore import LocalPieceStore, segment_key
+from node.tasks import ObjectInfo, StorageParams, UploadObjectTask
+from testnet.devchain.testing import new_keyset
+
+SEG = 64 << 10
+PARAMS = StorageParams(segment_size=SEG, data_shards=4, parity_shards=2, max_payload=1 << 30)
+
+
+@asynccontextmanager
+async def uploader(tmp_path: Path, config: Config | None = None) -> AsyncIterator[Uploader]:
+    config = config or Config()
+    store = await LocalPieceStore.create(tmp_path / "pieces", fsync=False)
+    async with open_spdb(tmp_path / "spdb.sqlite3") as db:
+        ctx = NodeContext(config=config, limiter=build_limiter(config), db=db,
+                          keys=new_keyset(), piecestore=store)
+        yield Uploader(ctx)
+
+
+def task_for(data: bytes, *, object_id: int = 7, declared: bytes | None = None
+             ) -> UploadObjectTask:
+    """An upload task whose chain checksums are those of ``declared`` (default: ``data``)."""
+    source = data if declared is None else declared
+    sums = object_checksums(split(source, SEG), PARAMS.data_shards, PARAMS.parity_shards)
+    obj = ObjectInfo(id=object_id, bucket="b", name="o", owner="0x" + "11" * 20,
+                     size=len(source), checksums=tuple(sums))
+    return UploadObjectTask(object=obj, params=PARAMS)
+
+
+async def chunks(data: bytes, size: int = 10_000) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+async def upload(up: Uploader, task: UploadObjectTask, body: bytes) -> None:
+    await up.pre_upload_object(task)
+    try:
+        await up.handle_upload_object_task(task, chunks(body))
+    finally:
+        up.post_upload_object(task)
+
+
+async def progress(up: Uploader, object_id: int) -> tuple[str, int, int]:
+    return await up.ctx.db.run(lambda c: c.execute(
+        "SELECT state, segments_done, bytes_done FROM upload_progress WHERE object_id = ?",
+        (object_id,)).fetchone())
+
+
+async def test_segments_are_stored_and_checked(tmp_path: Path) -> None:
+    data = os.urandom(3 * SEG + 12345)
+    async with uploader(tmp_path) as up:
+        task = task_for(data)
+        await upload(up, task, data)
+        stored = [await up.store.get(segment_key(7, i)) for i in range(4)]
+        assert b"".join(stored) == data
+        assert await progress(up, 7) == ("UPLOADED", 4, len(data))
+        row = await up.ctx.db.run(lambda c: c.execute(
+            "SELECT integrity_hash, checksums FROM integrity_meta WHERE object_id = 7 AND "
+            "redundancy_index = -1").fetchone())
+        assert row[0] == task.object.checksums[0] and len(unpack(row[1])) == 4
+        assert up.ctx.limiter.used("uploader").memory == 0
+
+
+async def test_empty_object(tmp_path: Path) -> None:
+    async with uploader(tmp_path) as up:
+        await upload(up, task_for(b""), b"")
+        assert await up.store.keys(7) == []
+        assert await progress(up, 7) == ("UPLOADED", 0, 0)
+
+
+@pytest.mark.parametrize("body_change", ["content", "short", "long"])
+async def test_wrong_payload_is_refused_and_nothing_is_left(tmp_path: Path,
+                                                            body_change: str) -> None:
+    declared = os.urandom(2 * SEG + 5)
+    body = {"content": bytes([declared[0] ^ 1]) + declared[1:],
+            "short": declared[:-1], "long": declared + b"x"}[body_change]
+    async with uploader(tmp_path) as up:
+        task = task_for(body, declared=declared)
+        with pytest.raises(BadDigest if body_change == "content" else IncompleteUpload):
+            await upload(up, task, body)
+        assert await up.store.keys(7) == []
+        state, *_ = await progress(up, 7)
+        assert state == "FAILED"
+        assert up.ctx.limiter.used("uploader").memory == 0
+
+
+async def test_a_cancelled_upload_is_cleaned(tmp_path: Path) -> None:
+    data = os.urandom(3 * SEG)
+    gate = trio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield data[:2 * SEG]
+        gate.set()
+        await trio.sleep_forever()
+
+    async with uploader(tmp_path) as up:
+        task = task_for(data)
+        await up.pre_upload_object(task)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(up.handle_upload_object_task, task, stalled())
+                await gate.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+        up.post_upload_object(task)
+        assert await up.store.keys(7) == []
+        assert up.ctx.limiter.used("uploader").memory == 0
+
+
+async def test_over_the_memory_limit_is_503(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(Config(), limits=LimitsSection(
+        services={"uploader": LimitValues(memory=3 * SEG)}))
+    async with uploader(tmp_path, cfg) as up:
+        first = task_for(os.urandom(2 * SEG), object_id=1)
+        await up.pre_upload_object(first)
+        with pytest.raises(ServiceUnavailable) as info:
+            await up.pre_upload_object(task_for(os.urandom(2 * SEG), object_id=2))
+        assert info.value.status == 503 and info.value.retry_after > 0
+        up.post_upload_object(first)
+        await up.pre_upload_object(task_for(os.urandom(2 * SEG), object_id=2))
+
+
+async def test_a_second_upload_of_the_same_object_is_refused(tmp_path: Path) -> None:
+    async with uploader(tmp_path) as up:
+        task = task_for(os.urandom(100))
+        await up.pre_upload_object(task)
+        with pytest.raises(ServiceUnavailable):
+            await up.pre_upload_object(task_for(os.urandom(100)))
+        up.post_upload_object(task)
