@@ -156,8 +156,13 @@ def _rfc3986(s: str) -> str:
 
 def quote_path(path: str) -> str:
     """Percent-encode a decoded path for the request line (``/`` kept): what a client sends
-    and signs. ``quote_path("/gfsp/v1/objects/b/a b") == "/gfsp/v1/objects/b/a%20b"``."""
-    return quote(path, safe="/-_.~")
+    and signs. ``quote_path("/gfsp/v1/objects/b/a b") == "/gfsp/v1/objects/b/a%20b"``.
+
+    Segments ``.`` and ``..`` become ``%2E`` and ``%2E%2E``, so that HTTP clients (httpx
+    removes dot segments) send the path unchanged and an object named ``a/../b`` stays
+    addressable."""
+    return "/".join("%2E" * len(seg) if seg in (".", "..") else quote(seg, safe="-_.~")
+                    for seg in path.split("/"))
 
 
 def payload_sha256(body: bytes) -> str:

@@ -102,6 +102,7 @@ def test_canonical_query_sorts_encoded_pairs() -> None:
     assert canonical_query([]) == ""
     assert parse_query(b"a=x+y&b=%2B&c") == [("a", "x y"), ("b", "+"), ("c", "")]
     assert quote_path("/gfsp/v1/objects/b/dir/a b%é") == "/gfsp/v1/objects/b/dir/a%20b%25%C3%A9"
+    assert quote_path("/o/b/./x/../..a/.") == "/o/b/%2E/x/%2E%2E/..a/%2E"
 
 
 # --- round trips ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from modulars.gater import Gater
 from modulars.gater.app import AuthOpType
+from modulars.gater.body import BodyStream
 from node import chain_msgs
 from node.app import build_limiter
 from node.auth import parse_query, payload_sha256, quote_path, sign_request
@@ -585,6 +586,15 @@ async def test_rate_limit_is_503_slowdown(fakes: StackFactory) -> None:
         assert (await s.other.call("GET", f"{API}/buckets/theirs")).status_code == 200
 
 
+async def test_public_routes_are_rate_limited_per_client_address(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(rate_limit=0.1, rate_burst=1)
+        assert (await s.client.call("GET", f"{API}/status", signed=False)).status_code == 200
+        r = await s.client.call("GET", f"{API}/status", signed=False)
+        assert_error(r, 503, "SlowDown")
+        assert "retry-after" in r.headers
+
+
 async def test_rate_limited_request_may_be_retried_as_is(fakes: StackFactory) -> None:
     with trio.fail_after(TIMEOUT):
         s = await fakes(rate_limit=1000, rate_burst=1)
@@ -619,6 +629,33 @@ async def test_modular_not_running_is_503(fakes: StackFactory) -> None:
         r = await s.client.call("GET", f"{API}/buckets/mybucket")
         assert_error(r, 503, "ServiceUnavailable")
         assert "retry-after" in r.headers
+
+
+# --- body streams (the design streamed routes will use) -------------------------------------
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def test_body_stream_checks_the_hash_before_it_ends() -> None:
+    parts = (b"abc", b"", b"def")
+    good = BodyStream(_chunks(*parts), limit=6, expected_sha256=payload_sha256(b"abcdef"))
+    assert [c async for c in good] == [b"abc", b"def"]
+    bad = BodyStream(_chunks(*parts), limit=6, expected_sha256=payload_sha256(b"abcdeX"))
+    got: list[bytes] = []
+    with pytest.raises(ServiceError) as e:
+        async for chunk in bad:
+            got.append(chunk)
+    assert e.value.code == "ContentSha256Mismatch"
+    assert got == [b"abc", b"def"]  # every chunk, then the error instead of the end
+    big = BodyStream(_chunks(b"abcd", b"efg"), limit=6, expected_sha256=None)
+    with pytest.raises(ServiceError) as e:
+        await big.read()
+    assert (e.value.code, e.value.status) == ("EntityTooLarge", 413)
+    unsigned = BodyStream(_chunks(b"x"), limit=6, expected_sha256=None)
+    assert await unsigned.read() == b"x"
 
 
 # --- routes (fakes) --------------------------------------------------------------------------
@@ -679,7 +716,7 @@ async def test_metadata_routes(fakes: StackFactory) -> None:
         s = await fakes()
         own_bucket(s)
         meta = s.fakes["metadata"]
-        for name in ("a", "b/c", "b/d", "é ü"):
+        for name in ("a", "b/c", "b/d", "é ü", "x/../y/."):
             meta.objects[("mybucket", name)] = {"name": name, "checksums": [b"\x01\x02"]}
         r = await s.client.call("GET", f"{API}/buckets/mybucket")
         assert r.json() == {"id": 1, "name": "mybucket", "owner": s.client.key.address}
@@ -691,6 +728,8 @@ async def test_metadata_routes(fakes: StackFactory) -> None:
         assert r.json()["name"] == "é ü"
         r = await s.client.call("GET", f"{API}/objects/mybucket/b/c")
         assert r.json()["name"] == "b/c"
+        r = await s.client.call("GET", f"{API}/objects/mybucket/x/../y/.")
+        assert r.json()["name"] == "x/../y/."
         r = await s.client.call("GET", f"{API}/uploads/mybucket/b/c")
         assert r.json()["state"] == "UPLOADING"
         assert s.fakes["authorizer"].calls[-1] == (
