@@ -320,8 +320,12 @@ class TaskExecutor(ModularBase):
     async def handle_gc_zombie_piece_task(self, task: GCZombiePieceTask) -> None:
         me = self.ctx.modulars.signer.operator_address
         by_object: dict[int, list[str]] = {}
-        for key in await self.store.keys():
-            by_object.setdefault(parse_key(key).object_id, []).append(key)
+        single = task.start_object_id == task.end_object_id
+        for key in await (self.store.keys(task.start_object_id) if single
+                          else self.store.keys()):
+            object_id = parse_key(key).object_id
+            if task.start_object_id <= object_id <= task.end_object_id:
+                by_object.setdefault(object_id, []).append(key)
         for object_id, keys in by_object.items():
             if await self._in_progress(object_id):
                 continue
@@ -344,10 +348,11 @@ class TaskExecutor(ModularBase):
     async def _in_progress(self, object_id: int) -> bool:
         """An upload, replication or receive of the object is still queued or running."""
         def query(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT 1 FROM tasks WHERE state IN ('pending', 'running') AND key LIKE ? "
-                "LIMIT 1", (f"%-id:{object_id}%",)).fetchone()
-            return row is not None
+            rows = conn.execute(
+                "SELECT key FROM tasks WHERE state IN ('pending', 'running') AND key LIKE ?",
+                (f"%-id:{object_id}%",)).fetchall()
+            marker = f"-id:{object_id}"
+            return any(k.endswith(marker) or f"{marker}-" in k for (k,) in rows)
         return await self.ctx.db.run(query)
 
     async def handle_gc_meta_task(self, task: GCMetaTask) -> None:

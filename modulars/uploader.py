@@ -140,6 +140,9 @@ class Uploader(ModularBase):
             with trio.CancelScope(shield=True):
                 await self.store.delete_object(task.object.id)
                 await self._progress(task, FAILED, len(hashes), 0, error=_reason(exc))
+                task.set_error(_reason(exc))
+                if self.ctx.modulars.is_running("manager"):
+                    await self.ctx.modulars.manager.handle_done_upload_object_task(task)
             raise
         await self.ctx.db.run(lambda c: self._record_integrity(c, task, integrity, hashes))
         await self._progress(task, UPLOADED, len(hashes), obj.size)

@@ -33,6 +33,7 @@ DEFAULT_MODULARS: dict[str, str] = {
     "authorizer": "modulars.authorizer:Authorizer",
     "metadata": "modulars.metadata:Metadata",
     "gater": "modulars.gater:Gater",
+    "manager": "modulars.manager:Manager",
     "p2p": "p2p.modular:P2PModular",
     "signer": "modulars.signer:Signer",
 }
