@@ -20,13 +20,13 @@ $(TSTAMP): setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@ $(STAMP)
 
-# Until the multi-SP testnet lands (gfsp-testnet), `make run` initialises one node under
-# $(DIR)/sp0 (kept out of git) and runs it in the foreground; Ctrl-C stops it.
+# A local testnet (devchain + 7 SPs on 127.0.0.1) under $(DIR), in the foreground; Ctrl-C
+# stops it.
 run: $(STAMP)
-	@test -f $(DIR)/sp0/config.toml || $(BIN)/gfsp-node init --dir $(DIR)/sp0 --seed sp0
-	$(BIN)/gfsp-node run --config $(DIR)/sp0/config.toml
+	$(BIN)/gfsp-testnet up --nodes 7 --dir $(DIR)
 
 test: $(TSTAMP)
+	@command -v systemd-analyze >/dev/null || (apt-get update -qq && apt-get install -y -qq systemd)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -1,0 +1,233 @@
+"""gfsp-testnet: layout and manifest (in-process), and the whole lifecycle as subprocesses:
+``up --detach`` -> ``status`` (every node ready, N-1 peers) -> ``logs`` -> ``down`` (no process
+left), a foreground ``up`` stopped by SIGINT, and a node that cannot start.
+
+Every subprocess test ends in a ``finally`` that runs ``down`` and then SIGKILLs whatever pid
+is still recorded, and is bounded by ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import trio
+
+from node.config import load_config
+from node.crypto import PrivateKey
+from p2p.host import peer_id_from_public_key
+from testnet.cli import alive, init_testnet, read_pid
+from testnet.manifest import (
+    ManifestError,
+    default_storage_params,
+    load_manifest,
+)
+
+GFSP_TESTNET = Path(sys.executable).parent / "gfsp-testnet"
+#: Bounds that catch hangs (a 4-node testnet is up in ~3 s here), not performance targets.
+UP_BOUND = 60.0
+
+
+# --- layout -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("nodes", "expected"), [
+    (1, (1, 0)), (2, (1, 0)), (3, (1, 1)), (4, (2, 1)), (5, (3, 1)), (6, (3, 2)),
+    (7, (4, 2)), (12, (4, 2)),
+])
+def test_default_storage_params(nodes: int, expected: tuple[int, int]) -> None:
+    data, parity = default_storage_params(nodes)
+    assert (data, parity) == expected
+    if 3 <= nodes < 7:  # the largest that fits the other nodes, with parity
+        assert data + parity == nodes - 1 and parity >= 1
+
+
+def test_init_lays_out_nodes_and_manifest(tmp_path: Path) -> None:
+    m = init_testnet(tmp_path / "tn", 4)
+    again = load_manifest(tmp_path / "tn")
+    assert again == m
+    assert (again.data_shards, again.parity_shards) == (2, 1)
+    ports = set()
+    for n in m.nodes:
+        assert n.name == f"sp{n.index}" and n.dir == m.root / n.name
+        keys = n.dir / "keys"
+        assert keys.stat().st_mode & 0o777 == 0o700
+        assert all(f.stat().st_mode & 0o777 == 0o600 for f in keys.iterdir())
+        assert (n.dir / "data").is_dir()
+        # Seeded keys: the peer id is known up front.
+        assert n.peer_id == peer_id_from_public_key(
+            PrivateKey.from_passphrase(f"sp{n.index}", "p2p").public_key)
+        cfg = load_config(n.config)
+        assert cfg.gater.listen == n.gater_listen and cfg.p2p.listen == n.p2p_addr
+        assert cfg.chain.endpoint == m.chain.endpoint and not cfg.chain.registry_file
+        assert cfg.p2p.bootstrap == ([] if n.index == 0 else [m.nodes[0].bootstrap_entry])
+        ports |= {n.endpoint.rsplit(":", 1)[1], n.p2p_addr.rsplit("/", 1)[1]}
+    ports.add(str(m.chain.port))
+    assert len(ports) == 2 * 4 + 1, "every port distinct"
+    raw = tomllib.loads((m.root / "testnet.toml").read_text())
+    assert raw["sp"][1]["log_file"] == "sp1/node.log"  # relative: the folder may move
+    with pytest.raises(ManifestError, match="already exists"):
+        init_testnet(tmp_path / "tn", 4)
+
+
+def test_init_options(tmp_path: Path) -> None:
+    seeded = init_testnet(tmp_path / "a", 7)
+    assert (seeded.data_shards, seeded.parity_shards) == (4, 2)
+    rnd = init_testnet(tmp_path / "b", 3, random_keys=True, data_shards=1, parity_shards=1,
+                       segment_size=1 << 20)
+    assert rnd.random_keys and (rnd.data_shards, rnd.parity_shards) == (1, 1)
+    assert rnd.segment_size == 1 << 20
+    assert {n.peer_id for n in rnd.nodes}.isdisjoint(n.peer_id for n in seeded.nodes)
+
+
+# --- subprocesses -------------------------------------------------------------------------------
+
+
+async def run_testnet(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    result = await trio.run_process([str(GFSP_TESTNET), *args], capture_stdout=True,
+                                    capture_stderr=True, check=False,
+                                    stdin=subprocess.DEVNULL)
+    if check:
+        assert result.returncode == 0, (args, result.stdout.decode(), result.stderr.decode())
+    return result
+
+
+def recorded_pids(root: Path) -> list[int]:
+    run = root / "run"
+    return [pid for f in sorted(run.glob("*.pid")) if (pid := read_pid(f))] if run.exists() \
+        else []
+
+
+async def last_resort(root: Path, pids: set[int]) -> None:
+    """``down``, then SIGKILL every pid the testnet ever recorded that is still alive."""
+    with trio.move_on_after(30) as scope:
+        scope.shield = True
+        if (root / "testnet.toml").exists():
+            await run_testnet("down", "--dir", str(root), "--grace", "3", check=False)
+    for pid in pids | set(recorded_pids(root)):
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def status(root: Path) -> dict:
+    return json.loads((await run_testnet("status", "--json", "--dir", str(root))).stdout)
+
+
+@pytest.mark.slow
+async def test_up_detach_status_logs_down(tmp_path: Path) -> None:
+    root = tmp_path / "tn"
+    pids: set[int] = set()
+    try:
+        with trio.fail_after(UP_BOUND):
+            up = await run_testnet("up", "--nodes", "4", "--detach", "--dir", str(root))
+        out = up.stdout.decode()
+        m = load_manifest(root)
+        for n in m.nodes:
+            assert n.endpoint in out and n.peer_id in out
+        assert "gfsp " in out  # the client example line
+        pids = set(recorded_pids(root))
+        assert len(pids) == 5 and all(alive(p) for p in pids), "4 nodes + devchain outlive up"
+
+        with trio.fail_after(UP_BOUND):  # discovery: every node knows the 3 others
+            while True:
+                st = await status(root)
+                nodes = st["nodes"]
+                assert all(n["alive"] and n["ready"] for n in nodes), nodes
+                if all(n["peers"] == 3 for n in nodes):
+                    break
+                await trio.sleep(0.25)
+        assert st["devchain"]["alive"]
+        assert all(n["objects"] == 0 and n["bytes"] == 0 for n in nodes)
+        table = (await run_testnet("status", "--dir", str(root))).stdout.decode().splitlines()
+        rows = [line.split() for line in table if line.startswith("sp")]
+        assert len(rows) == 4 and all(r[2:5] == ["yes", "yes", "3"] for r in rows), table
+
+        logs = (await run_testnet("logs", "2", "-n", "200", "--dir", str(root))).stdout.decode()
+        assert "node sp2 ready" in logs
+        all_logs = (await run_testnet("logs", "--dir", str(root))).stdout.decode()
+        assert "[devchain] devchain listening on" in all_logs and "[sp3] " in all_logs
+
+        # A second up refuses while it runs.
+        again = await run_testnet("up", "--detach", "--dir", str(root), check=False)
+        assert again.returncode == 1 and b"already running" in again.stderr
+
+        with trio.fail_after(30):
+            down = await run_testnet("down", "--dir", str(root))
+        assert down.stdout.decode().count("stopped") == 5, down.stdout
+        assert not any(alive(p) for p in pids)
+        assert recorded_pids(root) == []
+        st = await status(root)
+        assert not any(n["alive"] or n["ready"] for n in st["nodes"])
+        for n in m.nodes:  # the nodes' STOPPING=1 found a listener (down binds their socket)
+            assert "cannot send STOPPING=1" not in n.log_file.read_text()
+
+        with trio.fail_after(30):
+            await run_testnet("clean", "--dir", str(root))
+        assert not root.exists()
+    finally:
+        await last_resort(root, pids)
+
+
+@pytest.mark.slow
+async def test_foreground_up_stops_everything_on_sigint(tmp_path: Path) -> None:
+    root = tmp_path / "tn"
+    log = tmp_path / "up.out"
+    proc = None
+    pids: set[int] = set()
+    try:
+        with log.open("wb") as out:
+            proc = await trio.lowlevel.open_process(
+                [str(GFSP_TESTNET), "up", "--nodes", "3", "--dir", str(root)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        with trio.fail_after(UP_BOUND):
+            while b"Ctrl-C stops" not in log.read_bytes():
+                assert proc.poll() is None, log.read_text()
+                await trio.sleep(0.1)
+        pids = set(recorded_pids(root))
+        assert len(pids) == 4 and all(alive(p) for p in pids)
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(30):
+            assert await proc.wait() == 0, log.read_text()
+        assert not any(alive(p) for p in pids), log.read_text()
+        assert log.read_text().count("stopped") == 4
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            with trio.move_on_after(5):
+                await proc.wait()
+        await last_resort(root, pids)
+
+
+@pytest.mark.slow
+async def test_up_reports_a_node_that_cannot_start_and_leaves_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "tn"
+    init_testnet(root, 3)
+    (root / "sp2" / "config.toml").write_text("[node]\nno_such_key = 1\n")
+    pids: set[int] = set()
+    try:
+        with trio.fail_after(UP_BOUND):
+            up = await run_testnet("up", "--detach", "--dir", str(root), "--grace", "3",
+                               check=False)
+        err = up.stderr.decode()
+        assert up.returncode == 1, err
+        assert "sp2 exited with 2 before READY=1" in err
+        assert "no_such_key" in err  # the tail of its log
+        assert recorded_pids(root) == []
+        st = await status(root)
+        assert not any(n["alive"] for n in st["nodes"]) and not st["devchain"]["alive"]
+    finally:
+        await last_resort(root, pids)
+
+
+async def test_commands_without_a_testnet_say_so(tmp_path: Path) -> None:
+    for cmd in ("status", "down", "logs"):
+        r = await run_testnet(cmd, "--dir", str(tmp_path / "none"), check=False)
+        assert r.returncode == 2 and b"gfsp-testnet init" in r.stderr, (cmd, r.stderr)
+    r = await run_testnet("clean", "--dir", str(tmp_path / "none"))
+    assert b"nothing to clean" in r.stdout
