@@ -100,7 +100,8 @@ class TaskExecutor(ModularBase):
             self.http = http
             for _ in range(self.cfg.workers):
                 nursery.start_soon(self._worker)
-            nursery.start_soon(self._watch_deletions)
+            if self.ctx.chain is not None:
+                nursery.start_soon(self._watch_deletions)
             task_status.started()
 
     # --- asking for work ------------------------------------------------------------------

@@ -7,6 +7,10 @@ node with :class:`~node.errors.ModularStartError`. Once all are up: ``READY=1``.
 Stop (SIGTERM/SIGINT): ``STOPPING=1``; every modular that has ``drain()`` gets up to
 ``node.grace_period`` seconds to finish in-flight work (a second signal skips the wait); then
 the nursery is cancelled. While running, ``WATCHDOG=1`` goes out at half of ``WATCHDOG_USEC``.
+
+Observability: one :class:`~node.metrics.NodeMetrics` (its own Prometheus registry) per run;
+once the modulars are up, the admin server (:mod:`node.admin`: ``/metrics``, ``/admin/status``
+on the loopback ``node.admin_listen``) starts in the same nursery and goes with it.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from typing import Any
 
 import trio
 
+from node.admin import AdminServer
 from node.chain import ChainError, DevChainClient
 from node.config import Config, LimitValues
 from node.crypto import KeySet, load_keys
 from node.db import open_spdb
 from node.errors import GfspError, ModularStartError, unwrap
+from node.metrics import NodeMetrics
 from node.modular import Modular, Modulars, NodeContext
 from node.notify import Notifier
 from node.piecestore import open_piecestore
@@ -95,8 +101,14 @@ class Node:
         self.handle_signals = handle_signals
         self.ctx: NodeContext | None = None
         self.order: list[str] = []
+        self.metrics: NodeMetrics | None = None
+        self.admin_endpoint: str | None = None
         self._stop_requested = trio.Event()
         self._force_stop = trio.Event()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested.is_set()
 
     def request_stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does); a second call skips the grace period."""
@@ -138,15 +150,19 @@ class Node:
                   ) -> None:
         """Run until stopped. Raises ModularStartError / ModularFailed / ConfigError."""
         factories = resolve_factories(self.config)
+        admin = AdminServer(self)  # refuses a non-loopback admin_listen before anything opens
         try:
             async with self._context() as ctx:
                 self.ctx = ctx
                 modulars = build_modulars(ctx, factories)
                 self.order = start_order(modulars)
+                self.metrics = NodeMetrics(ctx, self.order)
+                self.metrics.attach(modulars)  # the gater's request counter/latency hook
                 async with trio.open_nursery() as nursery:
                     if self.handle_signals:  # before starting: SIGTERM mid-start is graceful
                         await nursery.start(self._signals)
                     await self._start_all(nursery, ctx, modulars)
+                    self.admin_endpoint = await nursery.start(admin.serve, self.metrics)
                     log.info("node %s ready: %s", self.config.node.name, ", ".join(self.order))
                     self._notify("READY=1")
                     task_status.started()
@@ -156,6 +172,7 @@ class Node:
                     self._notify("STOPPING=1")
                     log.info("stopping: draining for up to %.1fs", self.config.node.grace_period)
                     await self._drain(modulars)
+                    admin.stop()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise unwrap(group) from None

@@ -1,4 +1,4 @@
-"""``gfsp-node``: initialise a node folder, run a node.
+"""``gfsp-node``: initialise a node folder, run a node, show a running node's status.
 
 Exit codes: 0 clean stop, 1 a modular failed (to start or while running), 2 bad usage,
 config or keys (with one line naming the bad value).
@@ -12,8 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
+import httpx
 import trio
 
+from node.admin import STATUS_PATH, read_admin_url
 from node.app import ModularFailed, Node
 from node.config import (
     ChainSection,
@@ -90,6 +92,101 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Deadline of ``gfsp-node status``'s request to the admin route.
+STATUS_TIMEOUT = 5.0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print a running node's modulars, limiter, queues and peers (from its admin route)."""
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"gfsp-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    url = read_admin_url(cfg.data_dir)
+    if url is None:
+        print(f"gfsp-node: node {cfg.node.name!r} is not running (no admin address in "
+              f"{cfg.data_dir})", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        with httpx.Client(timeout=args.timeout, trust_env=False) as client:
+            resp = client.get(url + STATUS_PATH)
+            resp.raise_for_status()
+            doc = resp.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"gfsp-node: node {cfg.node.name!r} is not reachable at {url}: "
+              f"{str(exc) or type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_status(doc))
+    return EXIT_OK
+
+
+def _amount(n: int | None) -> str:
+    return "-" if n is None else "unlimited" if n >= sys.maxsize else str(n)
+
+
+def _bytes(n: int) -> str:
+    if n >= sys.maxsize:
+        return "unlimited"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+_LIMIT_COLUMNS = (("memory", "memory"), ("tasks", "tasks"), ("tasks_high", "high"),
+                  ("tasks_medium", "medium"), ("tasks_low", "low"),
+                  ("conns_inbound", "conns in"), ("conns_outbound", "conns out"), ("fds", "fds"))
+
+
+def _limiter_rows(stats: dict) -> list[list[str]]:  # type: ignore[type-arg]
+    rows = [["scope", *(title for _, title in _LIMIT_COLUMNS)]]
+    for scope, v in stats.items():
+        show = [_bytes if r == "memory" else _amount for r, _ in _LIMIT_COLUMNS]
+        rows.append([scope, *(f"{f(v['used'][r])}/{f(v['limit'][r])}"
+                              for f, (r, _) in zip(show, _LIMIT_COLUMNS, strict=True))])
+        rows.append(["  left", *(f(v["remaining"][r])
+                                 for f, (r, _) in zip(show, _LIMIT_COLUMNS, strict=True))])
+    return rows
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def format_status(doc: dict) -> str:  # type: ignore[type-arg]
+    """The readable multi-section summary ``gfsp-node status`` prints."""
+    lines = [f"node {doc['node']} ({doc['state']}), operator {doc['operator']}"]
+    ends = doc.get("endpoints") or {}
+    lines.append(f"  gater {ends.get('gater') or '-'}   admin {ends.get('admin') or '-'}   "
+                 f"chain height {_amount((doc.get('chain') or {}).get('height'))}   "
+                 f"piece store {_amount((doc.get('piecestore') or {}).get('used_bytes'))} bytes")
+    lines += ["", "modulars (start order):"]
+    lines += [f"  {m['name']:<12} {'running' if m['running'] else 'STOPPED'}"
+              for m in doc["modulars"]]
+    lines += ["", "limiter (used/limit, and what is left):"]
+    lines += _table(_limiter_rows(doc["limiter"]))
+    lines += ["", "queues (pending tasks by type):"]
+    lines += [f"  {t:<18} {n}" for t, n in doc["queues"].items()] or ["  (no tasks)"]
+    lines += ["", "tasks by state:"]
+    lines += [f"  {t:<18} " + ", ".join(f"{s} {n}" for s, n in sorted(by.items()))
+              for t, by in sorted(doc["tasks"].items())] or ["  (no tasks)"]
+    lines += ["", "peers:"]
+    for p in doc["peers"]:
+        rtt = "-" if p.get("rtt") is None else f"{p['rtt'] * 1000:.1f}ms"
+        lines.append(f"  {p['peer_id']:<54} {p['state']:<10} rtt {rtt:<9} "
+                     f"{p.get('operator') or ''}")
+    if not doc["peers"]:
+        lines.append("  (no peers)")
+    approvals = doc.get("approvals") or {}
+    lines += ["", "approvals:", "  " + (", ".join(f"{k} {v}" for k, v in sorted(
+        approvals.items())) or "(none)")]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gfsp-node", description="A gfsp storage provider node.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True, help="the node's config.toml")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("status", help="show a running node's modulars, limiter, queues, peers")
+    p.add_argument("--config", type=Path, required=True, help="the node's config.toml")
+    p.add_argument("--timeout", type=float, default=STATUS_TIMEOUT, metavar="SECONDS",
+                   help="deadline of the request to the node (default %(default)s)")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

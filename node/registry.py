@@ -34,6 +34,10 @@ DEFAULT_MODULARS: dict[str, str] = {
     "metadata": "modulars.metadata:Metadata",
     "gater": "modulars.gater:Gater",
     "manager": "modulars.manager:Manager",
+    "uploader": "modulars.uploader:Uploader",
+    "downloader": "modulars.downloader:Downloader",
+    "receiver": "modulars.receiver:Receiver",
+    "executor": "modulars.executor:TaskExecutor",
     "p2p": "p2p.modular:P2PModular",
     "signer": "modulars.signer:Signer",
 }

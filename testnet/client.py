@@ -237,3 +237,81 @@ class GfspClient:
     async def upload_progress(self, bucket: str, name: str) -> Any:
         return await self.get_json(await self.bucket_endpoint(bucket),
                                    f"/gfsp/v1/uploads/{bucket}/{name}")
+
+    # --- data -----------------------------------------------------------------------------
+
+    async def put_object(self, bucket: str, name: str, source: Path | bytes) -> Any:
+        """Upload the payload to the bucket's primary SP, streamed from a file (or bytes).
+
+        A file is sent with ``UNSIGNED-PAYLOAD``: the SP checks the payload against the
+        object's checksums on the chain, so the body need not be read twice here.
+        """
+        endpoint = await self.bucket_endpoint(bucket)
+        url = endpoint.rstrip("/") + quote_path(f"/{bucket}/{name}")
+        if isinstance(source, bytes):
+            body: Any = source
+            headers = self.sign("PUT", url, body=source)
+        else:
+            body = _file_chunks(source)
+            headers = self.sign("PUT", url, body=None)
+            headers["content-length"] = str((await trio.Path(source).stat()).st_size)
+        try:
+            response = await self._http.put(url, content=body, headers=headers,
+                                            timeout=httpx.Timeout(self.timeout, write=None))
+        except httpx.HTTPError as exc:
+            raise SPUnavailable(f"PUT {url}: {type(exc).__name__}: {exc}") from None
+        if response.status_code >= 400:
+            raise parse_error(response)
+        return response.json()
+
+    async def get_object(self, bucket: str, name: str, *,
+                         byte_range: tuple[int, int | None] | None = None
+                         ) -> AsyncIterator[bytes]:
+        """The object's bytes (or one inclusive range), streamed."""
+        endpoint = await self.bucket_endpoint(bucket)
+        url = endpoint.rstrip("/") + quote_path(f"/{bucket}/{name}")
+        extra = {}
+        if byte_range is not None:
+            low, high = byte_range
+            extra["range"] = f"bytes={low}-{'' if high is None else high}"
+        headers = self.sign("GET", url, body=b"", headers=extra)
+        try:
+            async with self._http.stream("GET", url, headers=headers) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise parse_error(response)
+                async for chunk in response.aiter_bytes():
+                    yield chunk
+        except httpx.HTTPError as exc:
+            raise SPUnavailable(f"GET {url}: {type(exc).__name__}: {exc}") from None
+
+    async def get_object_bytes(self, bucket: str, name: str, *,
+                               byte_range: tuple[int, int | None] | None = None) -> bytes:
+        return b"".join([c async for c in self.get_object(bucket, name,
+                                                         byte_range=byte_range)])
+
+    async def wait_sealed(self, bucket: str, name: str, *, timeout: float = 120.0,
+                          poll: float = 0.2) -> ChainObject:
+        """Wait until the chain says the object is sealed (polling the chain)."""
+        with trio.fail_after(timeout):
+            while True:
+                obj = await self.chain.get_object(bucket, name)
+                if obj is not None and obj.sealed:
+                    return obj
+                await trio.sleep(poll)
+
+    async def challenge(self, endpoint: str, object_id: int, segment: int, index: int
+                        ) -> tuple[bytes, list[bytes], bytes]:
+        """(piece, checksum list, integrity hash) from an SP's challenge route."""
+        from modulars.downloader import decode_challenge
+
+        answer = await self.get_json(endpoint,
+                                     f"/gfsp/v1/challenge/{object_id}/{segment}/{index}")
+        return decode_challenge(answer)
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    f = await trio.open_file(path, "rb")
+    async with f:
+        while chunk := await f.read(READ_CHUNK):
+            yield chunk

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -34,9 +35,18 @@ REGISTRY = "registry.json"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that is free now, below Linux's ephemeral range (32768+), so that outgoing
+    connections made before the node binds it cannot take it meanwhile."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in 20000-32000")
 
 
 def keyset(passphrase: str) -> KeySet:

@@ -311,10 +311,15 @@ async def real(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[StackFact
     """Start a gater over the real modulars, SPDB and an in-process devchain."""
     from modulars.approver import Approver
     from modulars.authorizer import Authorizer
+    from modulars.downloader import Downloader
+    from modulars.manager import Manager
     from modulars.metadata import Metadata
+    from modulars.receiver import Receiver
     from modulars.signer import Signer
+    from modulars.uploader import Uploader
     from node.chain import DevChainClient
     from node.db import open_spdb
+    from node.piecestore import LocalPieceStore
     from testnet.devchain import DevChain
 
     devchain = DevChain(tmp_path / "chain", block_interval=0.2)
@@ -330,9 +335,12 @@ async def real(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[StackFact
             keys = new_keyset()
             sp = TestSP(keys, "http://127.0.0.1:1", "12D3KooWgatertest")
             await chain.broadcast(sp.register_tx())
+            store = await LocalPieceStore.create(tmp_path / f"pieces-{keys.p2p.address}",
+                                                 fsync=False)
             ctx = NodeContext(config=config, limiter=build_limiter(config), db=db, keys=keys,
-                              sp_registry=chain, chain=chain)
-            for cls in (Signer, Metadata, Authorizer, Approver):
+                              sp_registry=chain, chain=chain, piecestore=store)
+            for cls in (Signer, Metadata, Authorizer, Approver, Manager, Uploader, Receiver,
+                        Downloader):
                 m = cls(ctx)
                 await nursery.start(m.serve)
                 ctx.modulars.mark_running(m)
@@ -385,6 +393,10 @@ async def test_openapi_document_lists_every_route(fakes: StackFactory) -> None:
             ("GET", f"{API}/objects/{{bucket}}/{{object}}"),
             ("GET", f"{API}/uploads/{{bucket}}/{{object}}"),
             ("GET", f"{API}/accounts/{{address}}/buckets"),
+            ("PUT", f"{API}/replicate/{{object_id}}/{{index}}/{{segment}}"),
+            ("POST", f"{API}/replicate/{{object_id}}/{{index}}/done"),
+            ("GET", f"{API}/challenge/{{object_id}}/{{segment}}/{{index}}"),
+            ("PUT", "/{bucket}/{object}"), ("GET", "/{bucket}/{object}"),
         }
         assert doc["paths"][f"{API}/status"]["get"]["security"] == []
         assert doc["paths"][f"{API}/buckets/{{bucket}}"]["get"]["security"]
@@ -757,7 +769,10 @@ async def test_unknown_route_and_method(fakes: StackFactory) -> None:
         assert_error(r, 404, "NotFound")
         r = await s.client.call("DELETE", f"{API}/status", signed=False)
         assert_error(r, 405, "MethodNotAllowed")
+        # /{bucket}/{object} would match any path: an unsigned request is refused first
         r = await s.client.call("HEAD", f"{API}/nothing-here", signed=False)
+        assert r.status_code == 401 and r.content == b""
+        r = await s.client.call("HEAD", f"{API}/nothing-here")
         assert r.status_code == 404 and r.content == b""
 
 

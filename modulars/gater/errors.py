@@ -16,6 +16,11 @@ with ``content-type: application/xml``. Handlers (and starlette's routing, throu
 - :class:`~node.errors.TaskError`: 400 ``InvalidArgument``;
 - anything else: 500 ``InternalError``, logged once with the request id and traceback (the
   body never carries a traceback).
+
+Metrics: when the starlette app's ``state.metrics`` is set (the node sets it to its
+:class:`~node.metrics.NodeMetrics`), every request is reported once it ends, on every path,
+as ``observe_request(route template, method, status, seconds)``; status is ``"none"`` when no
+response was started.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import math
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +51,8 @@ log = logging.getLogger("gfsp.gater")
 REQUEST_ID_HEADER = "x-gfsp-request-id"
 XML_DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>'
 MAX_MESSAGE = 1024
+#: The route label of a request no route matched (metrics).
+UNMATCHED_ROUTE = "unmatched"
 #: Retry-After (seconds) when a limiter scope is full or a modular is not running.
 LIMIT_RETRY_AFTER = 1
 MODULAR_RETRY_AFTER = 5
@@ -135,6 +143,21 @@ class ErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        began = time.perf_counter()
+        status: int | str = "none"
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message.get("status", "none")
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_observed)
+        finally:
+            _observe(scope, status, time.perf_counter() - began)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid = new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         started = False
@@ -170,3 +193,17 @@ class ErrorMiddleware:
             if scope.get("method") == "HEAD":
                 body = b""
             await send_with_id({"type": "http.response.body", "body": body})
+
+
+def _observe(scope: Scope, status: int | str, seconds: float) -> None:
+    """Report one request to the node's metrics hook, if any (never fails the request)."""
+    app = scope.get("app")
+    hook = getattr(getattr(app, "state", None), "metrics", None)
+    if hook is None:
+        return
+    route = scope.get("route")
+    template = getattr(route, "path", None) or UNMATCHED_ROUTE
+    try:
+        hook.observe_request(template, str(scope.get("method", "")), status, seconds)
+    except Exception:
+        log.exception("metrics hook failed")

@@ -27,6 +27,7 @@ import hypercorn.trio
 import trio
 
 from modulars.gater.app import ROUTES, BodyKind, RouteSpec, build_app
+from modulars.gater.data import DATA_ROUTES
 from modulars.gater.openapi import openapi_document
 from modulars.gater.ratelimit import RateLimiter
 from node.auth import ReplayCache
@@ -40,7 +41,8 @@ class Gater(ModularBase):
     #: What the routes call (the signer only through the approver and authorizer).
     requires = ("authorizer", "approver", "metadata")
 
-    def __init__(self, ctx: NodeContext, routes: tuple[RouteSpec, ...] = ROUTES) -> None:
+    def __init__(self, ctx: NodeContext,
+                 routes: tuple[RouteSpec, ...] = ROUTES + DATA_ROUTES) -> None:
         super().__init__(ctx)
         self.cfg = ctx.config.gater
         self.routes = routes

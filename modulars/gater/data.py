@@ -1,0 +1,174 @@
+"""The gater's data routes: put and get objects (S3 path style), replicate pieces between SPs,
+and challenges.
+
+- ``PUT /{bucket}/{object}``: the uploader's pre/handle/post with the body streamed (a signed
+  payload hash is checked as the body ends; ``UNSIGNED-PAYLOAD`` is allowed here, as the
+  integrity hash is checked against the chain anyway).
+- ``GET /{bucket}/{object}`` (``Range``: one range, 206 with Content-Range; 416 outside the
+  object): the downloader streams only the segments needed.
+- ``PUT /gfsp/v1/replicate/{object_id}/{index}/{segment}`` and
+  ``POST /gfsp/v1/replicate/{object_id}/{index}/done``: a primary SP sends a piece / asks for
+  the integrity signature; the request is signed by the primary's operator key (its account)
+  with the body's hash signed, and carries the secondary's approval in ``x-gfsp-approval``.
+- ``GET /gfsp/v1/challenge/{object_id}/{segment}/{index}``: the piece, the checksum list and the
+  integrity hash, as JSON (:mod:`modulars.downloader` defines the wire form).
+
+A bucket named ``gfsp`` cannot be reached by the path-style routes: ``/gfsp/...`` is the API's
+own prefix, and a path there that no API route matches is a 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from starlette.responses import StreamingResponse
+
+from modulars.downloader import content_length, content_range, encode_challenge
+from modulars.gater import schemas
+from modulars.gater.app import API_PREFIX, AuthOpType, Call, Param, RouteSpec
+from node.errors import ServiceError
+
+APPROVAL_HEADER = "x-gfsp-approval"
+RESERVED_BUCKET = "gfsp"
+
+_BUCKET = Param("bucket", "path", schemas.BUCKET, "bucket name", required=True)
+_OBJECT = Param("object", "path", schemas.OBJECT_NAME,
+                "object name, percent-encoded; may contain '/'", required=True)
+_INT = {"type": "integer", "minimum": 0}
+_INDEX = {"type": "integer", "minimum": -1}
+
+
+def _names(call: Call) -> tuple[str, str]:
+    if call.path("bucket") == RESERVED_BUCKET:  # an API path no route matched
+        raise ServiceError("NotFound", f"no route for {call.request.url.path}", 404)
+    bucket = schemas.check_bucket(call.path("bucket"))
+    return bucket, schemas.check_object(call.path("object"))
+
+
+def _int(call: Call, name: str, lo: int = 0) -> int:
+    raw = call.path(name)
+    if not (raw.isascii() and raw.lstrip("-").isdigit()) or len(raw) > 20:
+        raise ServiceError("InvalidArgument", f"{name} must be an integer", 400)
+    value = int(raw)
+    if value < lo:
+        raise ServiceError("InvalidArgument", f"{name} must be at least {lo}", 400)
+    return value
+
+
+async def put_object(call: Call) -> Any:
+    bucket, name = _names(call)
+    await call.authorize(AuthOpType.PUT_OBJECT, bucket, name)
+    uploader = call.modulars.uploader
+    task = await uploader.make_task(bucket, name)
+    task.user_address = call.account
+    await uploader.pre_upload_object(task)
+    try:
+        await uploader.handle_upload_object_task(task, aiter(call.body))
+    finally:
+        uploader.post_upload_object(task)
+    return {"object_id": task.object.id, "size": task.object.size,
+            "integrity_hash": task.object.checksums[0]}
+
+
+async def get_object(call: Call) -> Any:
+    bucket, name = _names(call)
+    await call.authorize(AuthOpType.GET_OBJECT, bucket, name)
+    downloader = call.modulars.downloader
+    task, partial = await downloader.make_task(
+        bucket, name, range_header=call.request.headers.get("range"),
+        user_address=call.account)
+    await downloader.pre_download_object(task)
+    size = task.object.size
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if size:
+                async with aclosing(downloader.handle_download_object_task(task)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+        finally:
+            downloader.post_download_object(task)
+
+    headers = {"content-length": str(content_length(task)), "accept-ranges": "bytes",
+               "etag": f'"{task.object.checksums[0].hex()}"'}
+    if partial:
+        headers["content-range"] = content_range(task)
+    return StreamingResponse(body(), status_code=206 if partial else 200, headers=headers,
+                             media_type=task.object.content_type or "application/octet-stream")
+
+
+async def _admit(call: Call) -> Any:
+    object_id, index = _int(call, "object_id"), _int(call, "index")
+    raw = call.request.headers.get(APPROVAL_HEADER, "")
+    try:
+        approval = bytes.fromhex(raw)
+    except ValueError:
+        raise ServiceError("InvalidApproval", f"{APPROVAL_HEADER} is not hex", 403) from None
+    if call.auth is None or call.auth.payload_sha256 is None:
+        raise ServiceError("UnsignedPayloadNotAllowed", "pieces must carry a signed hash", 400)
+    return await call.modulars.receiver.admit(sender=call.account, approval=approval,
+                                              object_id=object_id, redundancy_index=index)
+
+
+async def replicate_piece(call: Call) -> Any:
+    admitted = await _admit(call)
+    segment = _int(call, "segment")
+    data = await call.body.read()  # bounded by the route's limit; verified against its hash
+    await call.modulars.receiver.handle_receive_piece_task(admitted.task, segment, data)
+    return {"stored": len(data)}
+
+
+async def replicate_done(call: Call) -> Any:
+    admitted = await _admit(call)
+    await call.body.read()
+    signature, integrity = await call.modulars.receiver.handle_done_receive_piece_task(
+        admitted.task)
+    return {"signature": signature, "integrity_hash": integrity}
+
+
+async def challenge(call: Call) -> Any:
+    object_id, segment = _int(call, "object_id"), _int(call, "segment")
+    index = _int(call, "index", lo=-1)
+    downloader = call.modulars.downloader
+    task = await downloader.make_challenge_task(object_id, segment, index,
+                                                user_address=call.account)
+    await call.authorize(AuthOpType.CHALLENGE_PIECE, task.object.bucket, task.object.name)
+    await downloader.pre_challenge_piece(task)
+    try:
+        piece, checksums, integrity = await downloader.handle_challenge_piece(task)
+    finally:
+        downloader.post_challenge_piece(task)
+    return encode_challenge(piece, checksums, integrity)
+
+
+DATA_ROUTES: tuple[RouteSpec, ...] = (
+    RouteSpec("PUT", f"{API_PREFIX}/replicate/{{object_id}}/{{index}}/{{segment}}",
+              replicate_piece, "replicatePiece",
+              "A primary SP sends one EC piece (signed by its operator key, x-gfsp-approval)",
+              body="stream",
+              params=(Param("object_id", "path", _INT, "object id", required=True),
+                      Param("index", "path", _INT, "redundancy index", required=True),
+                      Param("segment", "path", _INT, "segment", required=True)),
+              response_schema={"type": "object"}),
+    RouteSpec("POST", f"{API_PREFIX}/replicate/{{object_id}}/{{index}}/done", replicate_done,
+              "replicateDone", "The secondary's integrity signature over what it holds",
+              body="json",
+              params=(Param("object_id", "path", _INT, "object id", required=True),
+                      Param("index", "path", _INT, "redundancy index", required=True)),
+              response_schema={"type": "object"}),
+    RouteSpec("GET", f"{API_PREFIX}/challenge/{{object_id}}/{{segment}}/{{index}}", challenge,
+              "challengePiece", "A piece with its checksum list and integrity hash",
+              params=(Param("object_id", "path", _INT, "object id", required=True),
+                      Param("segment", "path", _INT, "segment", required=True),
+                      Param("index", "path", _INDEX, "redundancy index (-1: primary)",
+                            required=True)),
+              response_schema={"type": "object"}),
+    RouteSpec("PUT", "/{bucket}/{object:path}", put_object, "putObject",
+              "Upload an object's payload to its primary SP (streamed)", body="stream",
+              params=(_BUCKET, _OBJECT), response_schema={"type": "object"}),
+    RouteSpec("GET", "/{bucket}/{object:path}", get_object, "getObject",
+              "Download an object, or one byte range of it", params=(_BUCKET, _OBJECT),
+              response_type="application/octet-stream", response_schema={"type": "string"}),
+)

@@ -1,0 +1,80 @@
+"""End to end on 127.0.0.1: a devchain and 7 SPs (4 data + 2 parity), and 4 SPs (2 + 1), all
+in this process: create, put, replicate, seal, get (whole and ranges), challenge."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from node.crypto import PrivateKey
+from node.ec import integrity_hash
+from node.tasks import StorageParams
+from testnet.client import GfspClient
+from testnet.devchain import DevChain
+from tests.p2pnet import make_chain_sps, register_on_chain, start_nodes, wait_until
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(("n_sps", "data", "parity", "segment"),
+                         [(7, 4, 2, 16 * MiB), (4, 2, 1, 4 * MiB)], ids=["7sp-4+2", "4sp-2+1"])
+async def test_put_seal_get_challenge(tmp_path: Path, nursery: trio.Nursery, n_sps: int,
+                                      data: int, parity: int, segment: int) -> None:
+    params = StorageParams(segment_size=segment, data_shards=data, parity_shards=parity,
+                           max_payload=1 << 34)
+    with trio.fail_after(240):
+        chain = DevChain(tmp_path / "chain", block_interval=0.2, params=params)
+        endpoint = await nursery.start(chain.serve)
+        sps = make_chain_sps(tmp_path / "sps", n_sps, endpoint)
+        await register_on_chain(endpoint, sps)
+        nodes = await start_nodes(nursery, sps)
+        everyone = {sp.peer_id for sp in sps}
+        await wait_until(lambda: all(n.trusted() == everyone - {n.sp.peer_id} for n in nodes))
+
+        payload = os.urandom(40 * MiB + 12345)
+        source = tmp_path / "payload.bin"
+        source.write_bytes(payload)
+        primary = sps[0].keys.operator.address
+        async with GfspClient(PrivateKey.generate(), chain=endpoint, timeout=120) as client:
+            await client.create_bucket("data", primary_sp=primary)
+            await client.create_object_from_file("data", "big.bin", source)
+            await client.put_object("data", "big.bin", source)
+            await client.create_object("data", "empty", size=0,
+                                       checksums=[hashlib.sha256(b"").digest()] * (
+                                           1 + data + parity))
+            await client.put_object("data", "empty", b"")
+            sealed = await client.wait_sealed("data", "big.bin", timeout=180)
+            empty = await client.wait_sealed("data", "empty", timeout=60)
+            assert len(sealed.secondaries) == data + parity
+            assert primary not in sealed.secondaries
+            assert len(set(sealed.secondaries)) == data + parity
+
+            assert await client.get_object_bytes("data", "big.bin") == payload
+            assert await client.get_object_bytes("data", "empty") == b""
+            size = len(payload)
+            for low, high in [(0, 0), (segment - 10, segment + 10), (size - 7, size - 1),
+                              (3 * MiB, 21 * MiB)]:
+                got = await client.get_object_bytes("data", "big.bin", byte_range=(low, high))
+                assert got == payload[low:high + 1], (low, high)
+
+            # challenge every secondary (and the primary) and verify against the chain
+            segments = -(-size // segment)
+            by_operator = {sp.keys.operator.address: sp for sp in sps}
+            for index, operator in enumerate(sealed.secondaries):
+                sp_endpoint = by_operator[operator].info().endpoint
+                for seg in range(segments):
+                    piece, checksums, integrity = await client.challenge(
+                        sp_endpoint, sealed.id, seg, index)
+                    assert hashlib.sha256(piece).digest() == checksums[seg]
+                    assert integrity == integrity_hash(checksums) == sealed.checksums[1 + index]
+            piece, checksums, integrity = await client.challenge(
+                sps[0].info().endpoint, sealed.id, 0, -1)
+            assert piece == payload[:segment]
+            assert integrity == sealed.checksums[0]
+            assert empty.size == 0
+        for node in nodes:
+            await node.stop()
