@@ -14,6 +14,7 @@ has the signer sign the answer with the approval key and an expiry height.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
@@ -103,6 +104,10 @@ class ApprovalService:
         self.decide = decide
         self.endpoint = endpoint
         self._tasks: dict[str, Task] = {}
+        #: Cumulative outcomes (exported by node.metrics): "asker.approved|refused|invalid|
+        #: silent" per peer answer, "asker.quorum_met|quorum_insufficient" per ask,
+        #: "responder.approved|refused|invalid" per request received.
+        self.stats: collections.Counter[str] = collections.Counter()
 
     def query_tasks(self, prefix: str = "") -> list[Task]:
         """In-flight approval tasks whose key starts with ``prefix``."""
@@ -138,6 +143,10 @@ class ApprovalService:
                 counts.reasons.setdefault(peer_id, f"silent: no answer within {timeout}s")
             counts.silent += len(pending)
         result = list(approvals.values())[:max_approvals]
+        for outcome in ("approved", "refused", "invalid", "silent"):
+            self.stats[f"asker.{outcome}"] += getattr(counts, outcome)
+        self.stats["asker.quorum_met" if len(result) >= min_approvals
+                   else "asker.quorum_insufficient"] += 1
         log.info("approval quorum for %s: %d approved, %d refused, %d invalid, %d silent",
                  task.key, counts.approved, counts.refused, counts.invalid, counts.silent)
         if len(result) < min_approvals:
@@ -205,14 +214,20 @@ class ApprovalService:
     async def handle_approval(self, stream: Stream) -> None:
         """Verify a request, decide, answer with a signed response; invalid -> reset."""
         with trio.fail_after(self.cfg.request_timeout):
-            req = decode(await stream.read_frame(self.cfg.max_approval_frame), ApprovalRequest)
-            sp = await self.registry.sp_by_operator(req.asker)
-            if sp is None or not sp.in_service or sp.peer_id != stream.remote_peer_id:
-                raise InvalidMessage(f"approval request: {req.asker} is not the registered SP "
-                                     "of the remote peer")
-            verify(req, sp.operator_key)
-            self.guard.check(req.asker, req.nonce, req.ts, "approval request")
+            try:
+                req = decode(await stream.read_frame(self.cfg.max_approval_frame),
+                             ApprovalRequest)
+                sp = await self.registry.sp_by_operator(req.asker)
+                if sp is None or not sp.in_service or sp.peer_id != stream.remote_peer_id:
+                    raise InvalidMessage(f"approval request: {req.asker} is not the registered "
+                                         "SP of the remote peer")
+                verify(req, sp.operator_key)
+                self.guard.check(req.asker, req.nonce, req.ts, "approval request")
+            except (InvalidMessage, FrameTooLarge):
+                self.stats["responder.invalid"] += 1
+                raise
             approved, reason, expiry = await self.decide(req)
+            self.stats["responder.approved" if approved else "responder.refused"] += 1
             resp = ApprovalResponse(
                 request_nonce=req.nonce, object_id=req.object.id, asker=req.asker,
                 approver=self.operator, approved=approved, reason="" if approved else reason,
