@@ -104,8 +104,9 @@ class Receiver(ModularBase):
     # --- the seed's Receiver interface ----------------------------------------------------
 
     async def handle_receive_piece_task(self, task: ReceivePieceTask, segment: int,
-                                        data: bytes) -> None:
-        """Store one verified piece (its body hash was checked against the signed one)."""
+                                        data: bytes, digest: bytes | None = None) -> None:
+        """Store one piece. ``digest``: its SHA-256 when the caller already verified it (the
+        gater checks the body against the signed hash), else computed here."""
         params, obj = task.params, task.object
         count = params.segment_count(obj.size)
         if not 0 <= segment < count:
@@ -116,7 +117,8 @@ class Receiver(ModularBase):
             raise ServiceError("InvalidArgument", f"piece has {len(data)} bytes, expected "
                                f"{expected}", 400)
         self._tasks[task.key] = task
-        digest = await trio.to_thread.run_sync(sha256, data)
+        if digest is None:
+            digest = await trio.to_thread.run_sync(sha256, data)
         await self.store.put(piece_key(obj.id, segment, task.redundancy_index), data)
         await self.ctx.db.run(lambda c: c.execute(
             "INSERT OR REPLACE INTO piece_hashes (object_id, segment, redundancy_index, "

@@ -116,7 +116,9 @@ async def replicate_piece(call: Call) -> Any:
     admitted = await _admit(call)
     segment = _int(call, "segment")
     data = await call.body.read()  # bounded by the route's limit; verified against its hash
-    await call.modulars.receiver.handle_receive_piece_task(admitted.task, segment, data)
+    assert call.auth is not None and call.auth.payload_sha256 is not None  # _admit checked
+    await call.modulars.receiver.handle_receive_piece_task(
+        admitted.task, segment, data, bytes.fromhex(call.auth.payload_sha256))
     return {"stored": len(data)}
 
 
