@@ -18,7 +18,10 @@ import httpx
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.routing import Route
 
+from modulars.gater.errors import _route_template
 from node import cli
 from node.admin import ADDR_FILE, METRICS_PATH, STATUS_PATH, check_loopback
 from node.app import Node, limit_of
@@ -134,6 +137,7 @@ async def test_metrics_of_a_running_node(tmp_path, nursery):
                 assert (await client.get(gater + STATUS_ROUTE)).status_code == 200
             assert (await client.get(gater + "/")).status_code == 404  # no route matches
             assert (await client.post(gater + STATUS_ROUTE)).status_code == 405
+            assert (await client.request("BREW", gater + STATUS_ROUTE)).status_code == 405
             before = int(time.time())
             m = await scrape(client, sp0)
             after = int(time.time())
@@ -196,6 +200,8 @@ async def test_metrics_of_a_running_node(tmp_path, nursery):
                status="404") == 1
     assert val(m, "gfsp_http_requests_total", route=STATUS_ROUTE, method="POST",
                status="405") == 1
+    assert val(m, "gfsp_http_requests_total", route=STATUS_ROUTE, method="other",
+               status="405") == 1  # an unknown method never becomes a label value
     assert val(m, "gfsp_http_request_duration_seconds_count", route=STATUS_ROUTE,
                method="GET") == 3
     assert val(m, "gfsp_http_request_duration_seconds_sum", route=STATUS_ROUTE,
@@ -216,6 +222,23 @@ async def test_object_routes_are_counted_by_template(tmp_path, nursery):
             m = await scrape(client, node)
     routes = {dict(labels)["route"] for name, labels in m if name == "gfsp_http_requests_total"}
     assert routes == {"/gfsp/v1/objects/{bucket}/{object:path}"}
+
+
+def test_route_template_without_starlettes_route_in_the_scope():
+    """Older starlette versions do not set scope["route"]: the routes are matched again."""
+    async def endpoint(request: object) -> None: ...
+
+    app = Starlette(routes=[Route("/a/{x}", endpoint, methods=["GET"]),
+                            Route("/b/{y:path}", endpoint, methods=["PUT"])])
+
+    def template(path: str, method: str) -> str:
+        return _route_template({"type": "http", "path": path, "method": method,
+                                "root_path": ""}, app)
+
+    assert template("/a/1", "GET") == "/a/{x}"
+    assert template("/a/1", "POST") == "/a/{x}"  # a 405 keeps its route
+    assert template("/b/q/r", "PUT") == "/b/{y:path}"
+    assert template("/zz", "GET") == "unmatched"
 
 
 # --- the admin server -------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.auth import SCHEME
@@ -51,8 +52,10 @@ log = logging.getLogger("gfsp.gater")
 REQUEST_ID_HEADER = "x-gfsp-request-id"
 XML_DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>'
 MAX_MESSAGE = 1024
-#: The route label of a request no route matched (metrics).
+#: The route label of a request no route matched, and the methods labelled as themselves
+#: (any other method is labelled "other"), for the metrics.
 UNMATCHED_ROUTE = "unmatched"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 #: Retry-After (seconds) when a limiter scope is full or a modular is not running.
 LIMIT_RETRY_AFTER = 1
 MODULAR_RETRY_AFTER = 5
@@ -201,9 +204,26 @@ def _observe(scope: Scope, status: int | str, seconds: float) -> None:
     hook = getattr(getattr(app, "state", None), "metrics", None)
     if hook is None:
         return
-    route = scope.get("route")
-    template = getattr(route, "path", None) or UNMATCHED_ROUTE
+    method = str(scope.get("method", ""))
     try:
-        hook.observe_request(template, str(scope.get("method", "")), status, seconds)
+        hook.observe_request(_route_template(scope, app),
+                             method if method in _METHODS else "other", status, seconds)
     except Exception:
         log.exception("metrics hook failed")
+
+
+def _route_template(scope: Scope, app: Any) -> str:
+    """The matched route's path template (starlette sets ``scope["route"]``; older versions
+    do not, so the app's routes are matched again: a full match, else a partial one)."""
+    route = scope.get("route")
+    if route is None:
+        partial = None
+        for candidate in getattr(app, "routes", ()):
+            match, _ = candidate.matches(scope)
+            if match == Match.FULL:
+                route = candidate
+                break
+            if match == Match.PARTIAL and partial is None:
+                partial = candidate
+        route = route or partial
+    return getattr(route, "path", None) or UNMATCHED_ROUTE
