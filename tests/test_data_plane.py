@@ -7,15 +7,23 @@ import hashlib
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.crypto import PrivateKey
 from node.ec import integrity_hash
 from node.tasks import StorageParams
 from testnet.client import GfspClient
 from testnet.devchain import DevChain
-from tests.p2pnet import make_chain_sps, register_on_chain, start_nodes, wait_until
+from tests.p2pnet import (
+    RunningNode,
+    make_chain_sps,
+    register_on_chain,
+    start_nodes,
+    wait_until,
+)
 
 MiB = 1 << 20
 
@@ -76,5 +84,29 @@ async def test_put_seal_get_challenge(tmp_path: Path, nursery: trio.Nursery, n_s
             assert piece == payload[:segment]
             assert integrity == sealed.checksums[0]
             assert empty.size == 0
+        await check_primary_metrics(nodes[0], size=size, n_sps=n_sps, shards=data + parity)
         for node in nodes:
             await node.stop()
+
+
+async def check_primary_metrics(node: RunningNode, *, size: int, n_sps: int, shards: int
+                                ) -> None:
+    """Issue 6: after an upload, the primary's /metrics has the counters and gauges."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{node.node.admin_endpoint}/metrics")).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("gfsp_http_requests_total", route="/{bucket}/{object:path}", method="PUT",
+                 status="200") == 2
+    assert value("gfsp_tasks", type="SealObject", state="done") == 2
+    assert value("gfsp_tasks", type="ReplicatePiece", state="done") == 2
+    assert value("gfsp_piecestore_used_bytes") == size
+    assert value("gfsp_p2p_peers", state="trusted") == n_sps - 1
+    assert value("gfsp_p2p_approval_outcomes_total", role="asker", outcome="approved") >= shards
+    assert value("gfsp_chain_height") > 0
+    assert value("gfsp_limiter_used", scope="service:uploader", resource="memory") == 0
+    assert value("gfsp_limiter_used", scope="service:executor", resource="memory") == 0
