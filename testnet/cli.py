@@ -549,7 +549,8 @@ def print_endpoints(m: Manifest) -> None:
     say(table(["node", "pid", "http", "p2p", "peer id", "operator"], rows))
     say(f"storage params: {m.data_shards} data + {m.parity_shards} parity shards, "
         f"segment {m.segment_size} bytes; manifest {m.path}")
-    say(f"try: gfsp --testnet {m.root} put ./README.md gfsp://demo-bucket/README.md")
+    say(f"try: gfsp --testnet {m.root} account new && gfsp --testnet {m.root} mb demo-bucket "
+        f"&& gfsp --testnet {m.root} put ./README.md demo-bucket/README.md")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -308,6 +308,60 @@ class GfspClient:
         answer = await self.get_json(endpoint,
                                      f"/gfsp/v1/challenge/{object_id}/{segment}/{index}")
         return decode_challenge(answer)
+
+    # --- with progress callbacks (the gfsp CLI) ----------------------------------------------
+
+    async def file_checksums(self, path: Path, *, progress: Callable[[int], object] | None = None
+                             ) -> tuple[int, list[bytes]]:
+        """(size, chain checksums) of a file, read one segment at a time (never whole);
+        ``progress(n)`` after each segment of ``n`` bytes. The size is what was read, so the
+        two agree even if the file changes meanwhile."""
+        params = await self.chain.params()
+        builder = ChecksumBuilder(Codec(params.data_shards, params.parity_shards))
+        size = 0
+        async for segment in file_segments(path, params.segment_size):
+            await trio.to_thread.run_sync(builder.add_segment, segment)
+            size += len(segment)
+            if progress is not None:
+                progress(len(segment))
+        return size, builder.result()
+
+    async def put_file(self, bucket: str, name: str, path: Path, *, size: int | None = None,
+                       progress: Callable[[int], object] | None = None) -> Any:
+        """:meth:`put_object` for a file, streamed, sending exactly ``size`` bytes (default:
+        the file's size now); ``progress(n)`` as each chunk of ``n`` bytes is handed over."""
+        endpoint = await self.bucket_endpoint(bucket)
+        url = endpoint.rstrip("/") + quote_path(f"/{bucket}/{name}")
+        if size is None:
+            size = (await trio.Path(path).stat()).st_size
+        headers = self.sign("PUT", url, body=None)
+        headers["content-length"] = str(size)
+        try:
+            response = await self._http.put(url, content=_file_chunks_upto(path, size, progress),
+                                            headers=headers,
+                                            timeout=httpx.Timeout(self.timeout, write=None))
+        except httpx.HTTPError as exc:
+            raise SPUnavailable(f"PUT {url}: {type(exc).__name__}: {exc}") from None
+        if response.status_code >= 400:
+            raise parse_error(response)
+        return response.json()
+
+
+async def _file_chunks_upto(path: Path, size: int,
+                            progress: Callable[[int], object] | None) -> AsyncIterator[bytes]:
+    """The first ``size`` bytes of a file in chunks (OSError if it is shorter now)."""
+    f = await trio.open_file(path, "rb")
+    async with f:
+        left = size
+        while left > 0:
+            chunk = await f.read(min(READ_CHUNK, left))
+            if not chunk:
+                raise OSError(f"{path}: file shrank while uploading ({size - left} of "
+                              f"{size} bytes sent)")
+            left -= len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+            yield chunk
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
