@@ -42,7 +42,8 @@ SEALED or FAILED), so a node killed at any point resumes exactly where it stood.
 
 **Restart.** On start (:meth:`Manager.load`, called by ``serve``) every ``running`` row becomes
 ``pending`` (its lease died with the old process) without spending a retry, except uploads,
-whose client connection died too: they become ``failed``. Then the index is rebuilt from the
+whose client connection died too: they become ``failed`` and the segments they wrote are
+removed (as after an upload that failed in-process). Then the index is rebuilt from the
 pending rows (reading only the few payload fields an estimate needs).
 
 **Clock.** Persisted times are wall-clock seconds from ``Manager.clock`` (``time.time`` unless
@@ -65,8 +66,9 @@ from typing import Any, Final
 import msgpack
 import trio
 
-from node.errors import DBError, ServiceError, TaskError
+from node.errors import DBError, GfspError, ServiceError, TaskError
 from node.modular import ModularBase, NodeContext
+from node.piecestore import parse_key
 from node.rcmgr import Limit
 from node.tasks import (
     TASK_CLASSES,
@@ -457,6 +459,8 @@ class Manager(ModularBase):
     async def _recover(self) -> None:
         now = self.clock()
 
+        interrupted: list[int] = []
+
         def tx(conn: sqlite3.Connection) -> tuple[int, int, list[Any]]:
             uploads = conn.execute(
                 "SELECT payload FROM tasks WHERE state = ? AND type = ?",
@@ -467,6 +471,7 @@ class Manager(ModularBase):
                 except TaskError:
                     continue
                 _set_progress(conn, obj, UPLOAD_FAILED, "interrupted: the node restarted", now)
+                interrupted.append(obj.id)
             failed = conn.execute(
                 "UPDATE tasks SET state = ?, error = ?, update_time = ? "
                 "WHERE state = ? AND type = ?",
@@ -480,6 +485,7 @@ class Manager(ModularBase):
             return failed, reset, rows
 
         failed, reset, rows = await self.ctx.db.run(tx)
+        await self._drop_interrupted_uploads(interrupted)
         bad: list[tuple[str, str]] = []
         for key, type_name, priority, create_time, update_time, retry, max_retry, payload in rows:
             try:
@@ -506,6 +512,22 @@ class Manager(ModularBase):
             log.info("manager: recovered %d pending tasks (%d were running), %d interrupted "
                      "uploads failed, %d unloadable", len(rows) - len(bad), reset, failed,
                      len(bad))
+
+    async def _drop_interrupted_uploads(self, object_ids: Iterable[int]) -> None:
+        """Remove the segments an upload killed with the node had written: like an upload
+        that failed in-process, a FAILED upload leaves nothing on disk (no GC would collect
+        them: the object is not sealed, and the user's next PUT starts from scratch)."""
+        store = self.ctx.piecestore
+        if store is None:
+            return
+        for object_id in object_ids:
+            try:
+                for key in await store.keys(object_id):
+                    if parse_key(key).index is None:
+                        await store.delete(key)
+            except GfspError as exc:  # the node still starts; the next PUT overwrites them
+                log.warning("manager: cannot remove the pieces of interrupted upload %d: %s",
+                            object_id, exc)
 
     # --- the work signal --------------------------------------------------------------------
 
