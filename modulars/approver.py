@@ -54,11 +54,6 @@ class Approver(ModularBase):
         self._in_flight: dict[str, Task] = {}
         self.stats: Counter[str] = Counter()
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
-        task_status.started()
-        await trio.sleep_forever()
-
     @property
     def chain(self) -> ChainClient:
         if self.ctx.chain is None:

@@ -101,11 +101,6 @@ class Authorizer(ModularBase):
     def __repr__(self) -> str:
         return f"Authorizer(cached={len(self._cache)})"
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
-        task_status.started()
-        await trio.sleep_forever()
-
     @property
     def cache_ttl(self) -> float:
         return float(self.ctx.config.authorizer.cache_ttl)

@@ -75,7 +75,7 @@ from node.errors import (
     TaskError,
 )
 from node.modular import ModularBase, NodeContext
-from node.piecestore import PieceNotFound, PieceStore, piece_key, segment_key
+from node.piecestore import PieceNotFound, piece_key, segment_key
 from node.rcmgr import Span
 from node.tasks import ChallengePieceTask, DownloadObjectTask, StorageParams, Task
 
@@ -339,12 +339,6 @@ class Downloader(ModularBase):
         self._busy -= 1
         if self._busy == 0:
             self._idle.set()
-
-    @property
-    def store(self) -> PieceStore:
-        if self.ctx.piecestore is None:
-            raise RuntimeError("the downloader needs a piece store")
-        return self.ctx.piecestore
 
     @property
     def operator(self) -> str:

@@ -36,7 +36,7 @@ from node.crypto import verify
 from node.ec import Codec
 from node.errors import GfspError, SignatureError
 from node.modular import ModularBase, NodeContext
-from node.piecestore import PieceStore, parse_key, segment_key
+from node.piecestore import parse_key, segment_key
 from node.tasks import (
     GCMetaTask,
     GCObjectTask,
@@ -77,11 +77,6 @@ class TaskExecutor(ModularBase):
         self.cfg = ctx.config.executor
         self.http: httpx.AsyncClient | None = None
         self.running: dict[str, Task] = {}
-
-    @property
-    def store(self) -> PieceStore:
-        assert self.ctx.piecestore is not None
-        return self.ctx.piecestore
 
     @property
     def chain(self) -> ChainClient:

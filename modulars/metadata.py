@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import trio
-
 from node.chain import ChainBucket, ChainObject, chain_errors, require_chain
 from node.errors import NoSuchBucket, NoSuchKey, ServiceError
 from node.modular import ModularBase, NodeContext
@@ -76,11 +74,6 @@ class Metadata(ModularBase):
 
     def __repr__(self) -> str:
         return "Metadata()"
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
-        task_status.started()
-        await trio.sleep_forever()
 
     @property
     def max_page(self) -> int:

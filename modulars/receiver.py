@@ -24,7 +24,7 @@ from node.crypto import pack
 from node.ec import integrity_hash, piece_size, sha256
 from node.errors import NoSuchKey, ServiceError
 from node.modular import ModularBase, NodeContext
-from node.piecestore import PieceStore, piece_key
+from node.piecestore import piece_key
 from node.tasks import ReceivePieceTask, Task
 from p2p.messages import ApprovalResponse, InvalidMessage, decode, verify
 
@@ -44,23 +44,12 @@ class Admitted:
 
 class Receiver(ModularBase):
     name = "receiver"
+    needs_piecestore = True
     requires = ("signer",)
 
     def __init__(self, ctx: NodeContext) -> None:
         super().__init__(ctx)
         self._tasks: dict[str, ReceivePieceTask] = {}
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
-        if self.ctx.piecestore is None:
-            raise RuntimeError("the receiver needs a piece store")
-        task_status.started()
-        await trio.sleep_forever()
-
-    @property
-    def store(self) -> PieceStore:
-        assert self.ctx.piecestore is not None
-        return self.ctx.piecestore
 
     def query_tasks(self, prefix: str = "") -> list[Task]:
         return [t for k, t in self._tasks.items() if k.startswith(prefix)]

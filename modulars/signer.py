@@ -75,11 +75,6 @@ class Signer(ModularBase):
                                  body_sha256, int(time.time()) + expiry_seconds, new_nonce()))
         return hdrs
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
-        task_status.started()
-        await trio.sleep_forever()
-
     def sign_p2p_ping_msg(self, ping: Ping) -> bytes:
         return self._keys.operator.sign(signing_payload(ping))
 

@@ -34,7 +34,7 @@ from node.errors import (
     unwrap,
 )
 from node.modular import ModularBase, NodeContext
-from node.piecestore import PieceStore, segment_key
+from node.piecestore import segment_key
 from node.rcmgr import Span
 from node.tasks import Task, UploadObjectTask
 
@@ -55,6 +55,7 @@ class IncompleteUpload(ServiceError):
 
 class Uploader(ModularBase):
     name = "uploader"
+    needs_piecestore = True
     requires = ("authorizer", "manager")
 
     def __init__(self, ctx: NodeContext) -> None:
@@ -62,18 +63,6 @@ class Uploader(ModularBase):
         self.cfg = ctx.config.uploader
         self._spans: dict[str, Span] = {}
         self._tasks: dict[str, UploadObjectTask] = {}
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
-        if self.ctx.piecestore is None:
-            raise RuntimeError("the uploader needs a piece store")
-        task_status.started()
-        await trio.sleep_forever()
-
-    @property
-    def store(self) -> PieceStore:
-        assert self.ctx.piecestore is not None
-        return self.ctx.piecestore
 
     def query_tasks(self, prefix: str = "") -> list[Task]:
         return [t for k, t in self._tasks.items() if k.startswith(prefix)]

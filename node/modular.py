@@ -155,10 +155,13 @@ ModularFactory = Callable[[NodeContext], Modular]
 
 
 class ModularBase:
-    """Convenience base: name/description from the seed table, ``requires`` empty."""
+    """Convenience base: name/description from the seed table, ``requires`` empty, and a
+    ``serve`` for modulars with no background work of their own (ready at once, then running
+    until cancelled). ``needs_piecestore`` makes ``serve`` refuse to start without one."""
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
+    needs_piecestore: ClassVar[bool] = False
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
@@ -166,3 +169,17 @@ class ModularBase:
     @property
     def description(self) -> str:
         return DESCRIPTIONS.get(self.name, self.name)
+
+    @property
+    def store(self) -> PieceStore:
+        """The node's piece store (RuntimeError when the node has none)."""
+        if self.ctx.piecestore is None:
+            raise RuntimeError(f"the {self.name} needs a piece store")
+        return self.ctx.piecestore
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        if self.needs_piecestore:
+            self.store  # noqa: B018 - raises when the node has no piece store
+        task_status.started()
+        await trio.sleep_forever()

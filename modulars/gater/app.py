@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from modulars.authorizer import AuthOpType
 from modulars.gater import schemas
 from modulars.gater.body import BodyStream, check_declared_length, check_head_size
 from modulars.gater.errors import ErrorMiddleware, raise_http_exception, request_id_of
@@ -47,20 +48,6 @@ from node.chain import ChainError
 from node.crypto import pack
 from node.errors import AccessDenied, ServiceError
 from node.tasks import CreateBucketApprovalTask, CreateObjectApprovalTask, ObjectInfo
-
-try:  # the authorizer owns AuthOpType; the fallback mirrors the seed's values
-    from modulars.authorizer import AuthOpType
-except ImportError:  # pragma: no cover - only while the authorizer is absent
-    class AuthOpType(enum.IntEnum):  # type: ignore[no-redef]
-        UNKNOWN = 0
-        ASK_CREATE_BUCKET_APPROVAL = 1
-        ASK_CREATE_OBJECT_APPROVAL = 2
-        CHALLENGE_PIECE = 3
-        PUT_OBJECT = 4
-        GET_OBJECT = 5
-        GET_UPLOADING_STATE = 6
-        GET_BUCKET_QUOTA = 7
-        LIST_BUCKET_READ_RECORD = 8
 
 if TYPE_CHECKING:
     from modulars.gater.server import Gater
