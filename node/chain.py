@@ -241,8 +241,16 @@ class DevChainClient:
         headers = {"content-type": MSGPACK} if content is not None else None
         try:
             with trio.fail_after(self.request_timeout):
-                response = await self._http.request(method, path, params=params,
-                                                    content=content, headers=headers)
+                try:
+                    response = await self._http.request(method, path, params=params,
+                                                        content=content, headers=headers)
+                except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                    if method != "GET" or self._http.is_closed:
+                        raise
+                    # a kept-alive connection the server had just closed: a read is safe to
+                    # send once more, on a new connection
+                    response = await self._http.request(method, path, params=params,
+                                                        headers=headers)
         except trio.TooSlowError:
             raise ChainUnavailable(f"{method} {path}: no answer within "
                                    f"{self.request_timeout} s") from None

@@ -29,6 +29,7 @@ from node.config import (
 from node.crypto import create_keys
 from node.errors import ConfigError, DBError, KeyFileError, ModularStartError
 from node.log import setup_logging
+from node.malloc import release_large_buffers
 from node.spregistry import StaticSPRegistry, sp_info_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -75,6 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node,
                                                                 log_level=args.log_level))
     setup_logging(cfg.node.log_level, node_name=cfg.node.name)
+    release_large_buffers()
     try:
         trio.run(Node(cfg).run)
     except (ConfigError, KeyFileError) as exc:

@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from node.chain_msgs import ChainError
 from node.config import P2PSection
 from node.errors import GfspError
 from node.spregistry import SPRegistry
@@ -174,6 +175,10 @@ class ApprovalService:
         pending.discard(peer_id)
         try:
             resp = await self._check_response(data, request, peer_id)
+        except ChainError as exc:  # the registry could not answer: cannot verify this one
+            counts.invalid += 1
+            counts.reasons[peer_id] = f"unverifiable: {exc}"
+            return
         except InvalidMessage as exc:
             counts.invalid += 1
             counts.reasons[peer_id] = f"invalid: {exc}"

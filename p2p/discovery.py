@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from node.chain_msgs import ChainError
 from node.config import P2PSection
 from node.spregistry import SPInfo, SPRegistry
 from p2p.guard import ReplayGuard
@@ -126,7 +127,9 @@ class Discovery:
             sp = await self._registered(pong.operator, rec.peer_id, "pong")
             verify(pong, sp.operator_key)
             self.guard.check(pong.operator, pong.nonce, pong.ts, "pong")
-        except (P2PError, InvalidMessage) as exc:
+        except (P2PError, InvalidMessage, ChainError) as exc:
+            # ChainError: the registry (the chain) could not answer; a missed round, not a
+            # reason to stop discovering
             after = await self.table.mark_missed(rec.peer_id, self.cfg.evict_after)
             log.debug("ping %s failed (%s): %s", rec.peer_id, type(exc).__name__, exc)
             if after is not None and after.state == EVICTED and rec.state != EVICTED:
@@ -148,7 +151,11 @@ class Discovery:
         """A peer named in a pong: a candidate if the registry agrees; pinged right away."""
         if peer.peer_id == self.host.peer_id or self.table.get(peer.peer_id) is not None:
             return
-        sp = await self.registry.sp_by_operator(peer.operator)
+        try:
+            sp = await self.registry.sp_by_operator(peer.operator)
+        except ChainError as exc:
+            log.debug("cannot check candidate %s now: %s", peer.peer_id, exc)
+            return
         if sp is None or sp.peer_id != peer.peer_id or not sp.in_service:
             return
         if await self.table.put(PeerRecord(peer.peer_id, peer.operator,

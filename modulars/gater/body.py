@@ -88,7 +88,7 @@ class BodyStream:
         self.limit = limit
         self.expected_sha256 = expected_sha256
         self.received = 0
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if expected_sha256 is not None else None
         self._used = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -103,14 +103,15 @@ class BodyStream:
                 if self.received > self.limit:
                     await self._drain()
                     raise EntityTooLarge(self.limit)
-                self._hash.update(chunk)
+                if self._hash is not None:
+                    self._hash.update(chunk)
                 yield chunk
         except ClientDisconnect:
             raise IncompleteBody() from None
         self.check_hash()
 
     def check_hash(self) -> None:
-        if self.expected_sha256 is not None and self._hash.hexdigest() != self.expected_sha256:
+        if self._hash is not None and self._hash.hexdigest() != self.expected_sha256:
             raise AuthError("ContentSha256Mismatch",
                             "the body's sha256 differs from x-gfsp-content-sha256")
 
