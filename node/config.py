@@ -80,6 +80,10 @@ class P2PSection:
     max_clock_skew: Seconds = _f(Seconds(30.0), "Allowed difference of a message's timestamp.",
                                  lo=1, hi=3600)
     max_peers: int = _f(256, "Most peers kept in the peer table.", lo=1, hi=100_000)
+    listen_retries: int = _f(20, "Tries to bind the listen address again at start (a restarted "
+                                 "node may find its port not yet released).", lo=0, hi=1000)
+    listen_retry_interval: Seconds = _f(Seconds(0.5), "Seconds between those tries.",
+                                        lo=0.01, hi=60)
     max_concurrent_pings: int = _f(4, "Pings in flight at once (smooths bursts).",
                                    lo=1, hi=10_000)
     max_ping_frame: ByteSize = _f(ByteSize(64 * KiB), "Largest ping/pong frame.",

@@ -115,6 +115,10 @@ class ProtocolError(P2PError):
     """Malformed input at the p2p layer: a bad multiaddr, peer id, bootstrap entry, protocol."""
 
 
+class ListenError(P2PError):
+    """The host could not bind its listen address (in use, or not yet released)."""
+
+
 Handler = Callable[["Stream"], Awaitable[None]]
 
 
@@ -623,7 +627,7 @@ async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
         async with host.run(listen_addrs=[listen_maddr]):
             try:
                 if not host.get_transport_addrs():
-                    raise P2PError(f"host is not listening on {listen}")
+                    raise ListenError(f"host is not listening on {listen}")
                 started = True
                 yield p2p
             finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import trio
 
@@ -22,7 +23,7 @@ from node.tasks import ReplicatePieceApprovalTask, Task
 from p2p.approval import ApprovalService, task_from_request
 from p2p.discovery import Discovery
 from p2p.guard import ReplayGuard
-from p2p.host import P2PHost, Stream, open_host
+from p2p.host import ListenError, P2PHost, Stream, open_host
 from p2p.messages import APPROVAL_PROTOCOL, PING_PROTOCOL, ApprovalRequest, ApprovalResponse
 from p2p.peers import PeerRecord, PeerTable
 
@@ -57,6 +58,22 @@ class P2PModular(ModularBase):
         handlers = {PING_PROTOCOL: self._inbound(self._handle_ping, self.cfg.max_ping_frame),
                     APPROVAL_PROTOCOL: self._inbound(self._handle_approval,
                                                      self.cfg.max_approval_frame)}
+        for attempt in range(self.cfg.listen_retries + 1):
+            try:
+                await self._serve_host(registry, signer, operator, guard, handlers,
+                                       task_status)
+                return
+            except ListenError as exc:
+                # a restarted SP may find its port not yet released by the old process
+                if attempt == self.cfg.listen_retries:
+                    raise
+                log.warning("%s; retrying in %.1fs", exc, self.cfg.listen_retry_interval)
+                await trio.sleep(self.cfg.listen_retry_interval)
+
+    async def _serve_host(self, registry: SPRegistry, signer: Any, operator: str,
+                          guard: ReplayGuard,
+                          handlers: dict[str, Callable[[Stream], Awaitable[None]]],
+                          task_status: trio.TaskStatus[None]) -> None:
         async with open_host(self.ctx.keys.p2p, self.cfg.listen,
                              connect_timeout=self.cfg.connect_timeout, handlers=handlers) as host:
             self.host = host
