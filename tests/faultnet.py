@@ -1,17 +1,12 @@
 """Helpers of the data-plane fault tests (tests/test_data_faults.py): per-SP config overrides,
-an SP run as an OS process (for SIGKILL), a devchain that can hold seal transactions, and
+a devchain that can hold seal transactions, and
 read-only looks at an SP's piece folder and SPDB that work for in-process nodes and processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import secrets
-import signal
-import socket
 import sqlite3
-import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +19,7 @@ from node.crypto import unpack
 from node.errors import SignatureError
 from node.piecestore import parse_key
 from testnet.devchain import DevChain
-from tests.p2pnet import SPDir, node_command, node_process_env
+from tests.p2pnet import SPDir
 
 #: Task states the manager persists for work that is not finished.
 ACTIVE_STATES = ("pending", "running")
@@ -112,72 +107,6 @@ def upload_state(sp: SPDir, object_id: int) -> str | None:
 
 
 # --- an SP as an OS process -------------------------------------------------------------------
-
-
-class ProcNode:
-    """One SP folder run as ``python -m node.cli run``, up at READY=1 on its NOTIFY_SOCKET;
-    stderr kept in ``node.stderr`` in its folder. :meth:`kill` is SIGKILL + reap."""
-
-    def __init__(self, sp: SPDir) -> None:
-        self.sp = sp
-        self.proc: trio.Process | None = None
-        self.sock: trio.socket.SocketType | None = None
-        self.log = sp.dir / "node.stderr"
-        self.starts = 0
-
-    async def start(self) -> None:
-        """Spawn the child and wait for READY=1 (fails with its log if it exits first)."""
-        assert self.proc is None or self.proc.returncode is not None, "already running"
-        self.close_socket()
-        name = f"gfsp-faults-{os.getpid()}-{secrets.token_hex(6)}"
-        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        await self.sock.bind("\0" + name)
-        env = {k: v for k, v in node_process_env().items()
-               if k not in ("WATCHDOG_USEC", "WATCHDOG_PID", "CREDENTIALS_DIRECTORY")}
-        env["NOTIFY_SOCKET"] = "@" + name
-        self.starts += 1
-        with self.log.open("ab") as err:
-            err.write(f"--- start {self.starts} ---\n".encode())
-            err.flush()
-            self.proc = await trio.lowlevel.open_process(
-                node_command(self.sp), cwd=str(self.sp.dir), env=env,
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-        proc, sock = self.proc, self.sock
-
-        async def died() -> None:
-            await proc.wait()
-            raise AssertionError(f"{self.sp.dir.name} exited with {proc.returncode} before "
-                                 f"READY=1:\n{self.log_tail()}")
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(died)
-            while "READY=1" not in (await sock.recv(4096)).decode().splitlines():
-                pass
-            nursery.cancel_scope.cancel()
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "<no log>"
-
-    async def kill(self) -> None:
-        """SIGCONT + SIGKILL and reap (shielded: also the cleanup path)."""
-        if self.proc is None:
-            return
-        with trio.CancelScope(shield=True):
-            if self.proc.returncode is None:
-                for sig in (signal.SIGCONT, signal.SIGKILL):
-                    try:
-                        os.kill(self.proc.pid, sig)
-                    except ProcessLookupError:
-                        pass
-                await self.proc.wait()
-
-    def close_socket(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 # --- a devchain that can hold seals -----------------------------------------------------------

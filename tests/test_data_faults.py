@@ -34,7 +34,6 @@ from p2p.peers import TRUSTED
 from testnet.client import GfspClient, SPError, checksums_of
 from testnet.devchain import DevChain
 from tests.faultnet import (
-    ProcNode,
     SealGateChain,
     active_tasks,
     configure,
@@ -45,6 +44,7 @@ from tests.faultnet import (
     upload_state,
 )
 from tests.p2pnet import RunningNode, SPDir, make_chain_sps, register_on_chain, wait_until
+from tests.procnode import ProcNode
 
 KiB, MiB = 1 << 10, 1 << 20
 SEGMENT = 256 * KiB
