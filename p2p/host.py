@@ -17,6 +17,13 @@ Pitfalls of py-libp2p 0.8.1 applied here (numbers from P2P-NOTES.md):
 1 ``max_connections_per_peer=1``; 2 handlers wrapped; 3 ``host.close()`` inside ``run()``;
 4 Noise + Yamux only; 5 our own deadlines everywhere; 6 our own read loop; 8 exception groups
 unwrapped at the boundary; 9 one write per frame; 10 libp2p loggers at WARNING.
+
+Two more, found by counting frames (a one-request stream cost 22 encrypted frames, 4.1 ms of
+CPU for both ends in one process): py-libp2p's yamux credits the window after every read and
+doubles it each time (12 frames), and its multistream-select costs two round trips and four
+frames. Our yamux streams credit at half-window as go-yamux does, and we negotiate ourselves
+(p2p/multistream.py: a lazy dialer, a listener that answers in one write and sends the echo
+with the response): 6 frames, 1.6 ms, same bytes on the wire for any libp2p peer.
 """
 
 from __future__ import annotations
@@ -43,11 +50,13 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from node.crypto import PrivateKey
 from node.errors import GfspError
+from p2p import multistream
 
 __all__ = [
     "FrameTooLarge",
@@ -73,6 +82,10 @@ MAX_FRAME_LEN = 0xFFFFFFFF
 _CLEANUP_TIMEOUT = 1.0
 #: How long closing the whole host may take on the way out (it measured ~200 ms).
 _HOST_CLOSE_TIMEOUT = 5.0
+#: How many protocols a dialer may propose on one inbound stream before we reset it.
+_MAX_PROPOSALS = 8
+#: Parsed peer ids a host remembers (more than any network of SPs we serve).
+_MAX_IDS = 4096
 #: Stream I/O errors other than libp2p's own that a dead connection can surface.
 _IO_ERRORS: tuple[type[BaseException], ...] = (
     BaseLibp2pError,
@@ -268,6 +281,52 @@ async def _quietly(what: str, fn: Callable[[], Awaitable[None]]) -> None:
         log.debug("p2p: %s timed out", what)
 
 
+# --- yamux flow control -----------------------------------------------------------------------
+
+
+class _GfspYamuxStream(YamuxStream):
+    """A yamux stream that credits its window as go-yamux does: once half of it is consumed.
+
+    py-libp2p 0.8.1 sends a WINDOW_UPDATE after every read and doubles the window each time
+    ("auto-tuning"): 12 of the 22 frames of a one-request stream, each one encrypted, sent and
+    woken up for. Our messages fit in the initial 256 KiB window, so a fixed window credited
+    at half-consumption is the same flow control at a fraction of the cost (same wire format).
+    """
+
+    async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
+        async with self.window_lock:
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            delta = self.target_recv_window - (self.recv_window + buffered)
+            if delta < self.target_recv_window // 2:
+                return
+            self.recv_window += delta
+        await self.send_window_update(delta)
+
+
+class _GfspYamux(Yamux):
+    """Yamux whose streams are :class:`_GfspYamuxStream` (py-libp2p builds them by name)."""
+
+    @staticmethod
+    def install() -> None:
+        """Make py-libp2p build this class for every yamux connection (idempotent).
+
+        ``MuxerMultistream.new_conn`` 0.8.1 constructs ``Yamux`` by its module-level name
+        whatever class ``muxer_opt`` gives, so that name is what we rebind: a process-wide
+        change, confined to this module like every other use of libp2p.
+        """
+        muxer_multistream.Yamux = _GfspYamux  # type: ignore[misc]
+
+    async def open_stream(self) -> YamuxStream:
+        stream = await super().open_stream()
+        stream.__class__ = _GfspYamuxStream
+        return stream
+
+    async def accept_stream(self) -> Any:
+        stream = await super().accept_stream()
+        stream.__class__ = _GfspYamuxStream
+        return stream
+
+
 # --- streams ----------------------------------------------------------------------------------
 
 
@@ -286,6 +345,13 @@ class Stream:
         self.remote_public_key = remote_public_key
         self.protocol = protocol
         self._buf = bytearray()
+        #: bytes owed to the remote, sent in front of our next write (or before our FIN): a
+        #: lazy dialer's multistream proposal, or a listener's echo held back (multistream.py)
+        self._owed = b""
+        #: a lazy dialer has not yet checked the remote's multistream answer
+        self._unconfirmed = False
+        #: a listener answered "na" to a proposal of this stream's dialer
+        self.refused = False
 
     @classmethod
     def _from_raw(cls, raw: Any, protocol: str) -> Stream:
@@ -324,10 +390,80 @@ class Stream:
         """Read one frame; FrameTooLarge if its declared length exceeds max_len."""
         if max_len < 0:
             raise ValueError("max_len must be >= 0")
+        if self._unconfirmed:
+            await self._confirm_protocol()
         (length,) = FRAME_HEADER.unpack(await self._read_exact(FRAME_HEADER.size))
         if length > max_len:
             raise FrameTooLarge(length, max_len)
         return await self._read_exact(length) if length else b""
+
+    # multistream-select (the bytes: p2p/multistream.py)
+
+    async def _read_line(self) -> str:
+        while True:
+            try:
+                line = multistream.take_line(self._buf)
+            except multistream.NegotiationError as exc:
+                raise ProtocolError(f"{self.remote_peer_id}: {exc}") from None
+            if line is not None:
+                return line
+            self._buf += await self._read_some(4096)
+
+    def _has_line(self) -> bool:
+        try:
+            return multistream.has_line(self._buf)
+        except multistream.NegotiationError as exc:
+            raise ProtocolError(f"{self.remote_peer_id}: {exc}") from None
+
+    def _propose_lazily(self) -> None:
+        """Dialer: owe the header and our proposal; check the answer on the first read."""
+        self._owed = multistream.dialer_prefix(self.protocol)
+        self._unconfirmed = True
+
+    async def _confirm_protocol(self) -> None:
+        """Dialer: send what we owe if not yet sent, then read the header and the echo."""
+        if self._owed:
+            await self.write_raw(b"")
+        header = await self._read_line()
+        if header != multistream.HEADER:
+            raise ProtocolError(
+                f"{self.remote_peer_id} does not speak multistream-select: {header!r}")
+        answer = await self._read_line()
+        if answer != self.protocol:
+            raise ProtocolError(
+                f"peer {self.remote_peer_id} refused protocol {self.protocol} ({answer!r})")
+        self._unconfirmed = False
+
+    async def _select_inbound(self, protocols: set[str] | frozenset[str]) -> str:
+        """Listener: read the dialer's header and proposals, answer; return the protocol.
+
+        The answer to a proposal already in hand goes out with the header (one write); the
+        echo of the chosen protocol is held back until our first write when the request is
+        already in hand (a lazy dialer), so the whole exchange is one frame each way.
+        """
+        header = await self._read_line()
+        if header != multistream.HEADER:
+            raise ProtocolError(f"not multistream-select: {header!r}")
+        out = multistream.encode_line(multistream.HEADER)
+        for _ in range(_MAX_PROPOSALS):
+            if out and not self._has_line():
+                await self.write_raw(out)  # a non-lazy dialer waits for it before proposing
+                out = b""
+            proposal = await self._read_line()
+            if proposal in protocols:
+                self.protocol = proposal
+                out += multistream.encode_line(proposal)
+                if self._buf:
+                    self._owed = out
+                else:
+                    await self.write_raw(out)
+                return proposal
+            # answered at once: a lazy dialer's request follows its proposal, and is no
+            # proposal; it reads "na", and we close (no reset that could overtake the "na")
+            await self.write_raw(out + multistream.encode_line(multistream.NA))
+            out = b""
+            self.refused = True
+        raise ProtocolError(f"{self.remote_peer_id} proposed {_MAX_PROPOSALS} unknown protocols")
 
     async def write_frame(self, data: bytes) -> None:
         """Write one frame: the prefix and the body in ONE write call (pitfall 9)."""
@@ -336,7 +472,9 @@ class Stream:
         await self.write_raw(FRAME_HEADER.pack(len(data)) + bytes(data))
 
     async def write_raw(self, data: bytes) -> None:
-        """Write bytes as they are (no framing): for tests and exotic protocols."""
+        """Write bytes as they are (no framing), after what we owe the remote (if anything)."""
+        if self._owed:
+            data, self._owed = self._owed + data, b""
         try:
             await self._raw.write(data)
         except _IO_ERRORS as exc:
@@ -346,6 +484,8 @@ class Stream:
     async def close(self) -> None:
         """Close our side gracefully (the remote reads EOF after what we wrote)."""
         try:
+            if self._owed:
+                await self.write_raw(b"")
             await self._raw.close()
         except _IO_ERRORS as exc:
             raise StreamClosed(f"closing stream to {self.remote_peer_id}: {exc!r}") from exc
@@ -361,9 +501,12 @@ class Stream:
 class P2PHost:
     """A running libp2p host (use :func:`open_host`)."""
 
-    def __init__(self, host: Any, *, connect_timeout: float) -> None:
+    def __init__(self, host: Any, *, connect_timeout: float,
+                 handlers: Mapping[str, Handler]) -> None:
         self._host = host
         self._connect_timeout = connect_timeout
+        self._handlers: dict[str, Handler] = dict(handlers)
+        self._ids: dict[str, ID] = {}  # parsed peer ids (base58 decoding costs ~50 us)
         self.peer_id: str = host.get_id().to_base58()
         self._handler_scopes: set[trio.CancelScope] = set()
         self._closing = False
@@ -378,10 +521,20 @@ class P2PHost:
 
     # connections
 
+    def _pid(self, peer_id: str) -> ID:
+        """:func:`_parse_peer_id`, remembered (at most _MAX_IDS entries)."""
+        pid = self._ids.get(peer_id)
+        if pid is None:
+            pid = _parse_peer_id(peer_id)
+            if len(self._ids) >= _MAX_IDS:
+                self._ids.clear()
+            self._ids[peer_id] = pid
+        return pid
+
     def is_connected(self, peer_id: str) -> bool:
         """True if a connection to peer_id is open."""
         try:
-            pid = _parse_peer_id(peer_id)
+            pid = self._pid(peer_id)
         except ProtocolError:
             return False
         return len(self._host.get_network().get_connections(pid)) > 0
@@ -396,12 +549,12 @@ class P2PHost:
         Raises P2PTimeout when the deadline passes, PeerUnreachable when the dial fails,
         ProtocolError for a bad peer id or address.
         """
-        pid = _parse_peer_id(peer_id)
+        pid = self._pid(peer_id)
         if peer_id == self.peer_id:
             raise ProtocolError("cannot connect to ourselves")
-        maddrs = [_transport_addr(a, peer_id) for a in addrs]
         if self.is_connected(peer_id):
             return
+        maddrs = [_transport_addr(a, peer_id) for a in addrs]
         if not maddrs:
             raise PeerUnreachable(f"not connected to {peer_id} and no address to dial")
         try:
@@ -422,7 +575,7 @@ class P2PHost:
 
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to peer_id (no-op if none)."""
-        pid = _parse_peer_id(peer_id)
+        pid = self._pid(peer_id)
         try:
             with trio.move_on_after(self._connect_timeout):
                 await self._host.disconnect(pid)
@@ -433,39 +586,56 @@ class P2PHost:
 
     # streams
 
-    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
-        """Open a new stream for protocol to a connected peer (deadline connect_timeout).
+    async def _open_lazy(self, peer_id: str, protocol: str) -> Stream:
+        """A new stream to a connected peer whose proposal goes out with the first write.
 
-        PeerUnreachable if not connected, ProtocolError if the peer does not speak protocol,
-        P2PTimeout when the deadline passes.
+        No round trip here: the peer's answer is checked on our first read (ProtocolError
+        then if it refused). PeerUnreachable if not connected; no deadline of its own.
         """
-        pid = _parse_peer_id(peer_id)
+        pid = self._pid(peer_id)
         if not self.is_connected(peer_id):
             raise PeerUnreachable(f"not connected to {peer_id}")
-        raw = None
         try:
-            with trio.fail_after(self._connect_timeout):
-                try:
-                    raw = await self._host.new_stream(pid, [TProtocol(protocol)])
-                except BaseExceptionGroup as group:
-                    _unwrap_group(group)
-        except trio.TooSlowError:
-            raise P2PTimeout(
-                f"opening {protocol} to {peer_id} timed out "
-                f"after {self._connect_timeout}s") from None
+            try:
+                raw = await self._host.get_network().new_stream(pid)
+            except BaseExceptionGroup as group:
+                _unwrap_group(group)
         except (PeerUnreachable, P2PTimeout, ProtocolError):
             raise
         except Exception as exc:  # the boundary: map whatever libp2p raised
-            if self.is_connected(peer_id):
-                cause = exc.__cause__ or exc
-                raise ProtocolError(
-                    f"peer {peer_id} refused protocol {protocol}: {cause}") from exc
             raise PeerUnreachable(
-                f"connection to {peer_id} lost opening {protocol}: {exc!r}") from exc
+                f"cannot open a stream to {peer_id}: {exc!r}") from exc
         try:
-            return Stream._from_raw(raw, protocol)
+            stream = Stream._from_raw(raw, protocol)
         except ProtocolError:
             await _quietly("stream reset", raw.reset)
+            raise
+        raw.set_protocol(TProtocol(protocol))
+        stream._propose_lazily()
+        return stream
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """Open a new stream for protocol to a connected peer (deadline connect_timeout).
+
+        The protocol is agreed before it returns (one round trip). PeerUnreachable if not
+        connected, ProtocolError if the peer does not speak protocol, P2PTimeout when the
+        deadline passes.
+        """
+        stream: Stream | None = None
+        try:
+            with trio.fail_after(self._connect_timeout):
+                stream = await self._open_lazy(peer_id, protocol)
+                await stream._confirm_protocol()
+                return stream
+        except trio.TooSlowError:
+            if stream is not None:
+                await stream.reset()
+            raise P2PTimeout(
+                f"opening {protocol} to {peer_id} timed out "
+                f"after {self._connect_timeout}s") from None
+        except BaseException:
+            if stream is not None:
+                await stream.reset()
             raise
 
     async def request(self, peer_id: str, addrs: Sequence[str], protocol: str, frame: bytes,
@@ -482,7 +652,7 @@ class P2PHost:
         try:
             with trio.fail_after(timeout):
                 await self.connect(peer_id, addrs)
-                stream = await self.open_stream(peer_id, protocol)
+                stream = await self._open_lazy(peer_id, protocol)
                 await stream.write_frame(frame)
                 response = await stream.read_frame(max_response)
                 await stream.close()
@@ -507,28 +677,51 @@ class P2PHost:
 
     # handlers
 
-    def _wrap_handler(self, protocol: str, handler: Handler) -> Callable[[Any], Awaitable[None]]:
-        """Guard a handler: its failure resets only its stream, never the host (pitfall 2)."""
+    async def _inbound(self, raw: Any) -> None:
+        """Every inbound stream: our own multistream-select, then its handler, guarded.
 
-        async def guarded(raw: Any) -> None:
-            if self._closing:
-                await _quietly("stream reset", raw.reset)
-                return
-            with trio.CancelScope() as scope:
-                self._handler_scopes.add(scope)
-                try:
-                    await self._serve(protocol, handler, raw)
-                finally:
-                    self._handler_scopes.discard(scope)
-
-        return guarded
-
-    async def _serve(self, protocol: str, handler: Handler, raw: Any) -> None:
-        try:
-            stream = Stream._from_raw(raw, protocol)
-        except ProtocolError as exc:
-            log.info("p2p: refused an inbound %s stream: %s", protocol, exc)
+        Installed as the swarm's stream handler (in place of py-libp2p's negotiation, see
+        p2p/multistream.py). Nothing raised here reaches libp2p (pitfall 2): a failure resets
+        only this stream.
+        """
+        if self._closing:
             await _quietly("stream reset", raw.reset)
+            return
+        with trio.CancelScope() as scope:
+            self._handler_scopes.add(scope)
+            try:
+                await self._serve(raw)
+            finally:
+                self._handler_scopes.discard(scope)
+
+    async def _serve(self, raw: Any) -> None:
+        try:
+            stream = Stream._from_raw(raw, "")
+        except ProtocolError as exc:
+            log.info("p2p: refused an inbound stream: %s", exc)
+            await _quietly("stream reset", raw.reset)
+            return
+        libp2p_handlers = self._host.get_mux().handlers
+        try:
+            with trio.fail_after(self._connect_timeout):
+                protocol = await stream._select_inbound(
+                    set(self._handlers) | {p for p in libp2p_handlers if p is not None})
+        except trio.TooSlowError:
+            log.debug("p2p: %s did not choose a protocol in %ss", stream.remote_peer_id,
+                      self._connect_timeout)
+            await stream.reset()
+            return
+        except P2PError as exc:
+            log.debug("p2p: inbound stream from %s: %s", stream.remote_peer_id, exc)
+            if stream.refused:
+                await _quietly("stream close", stream.close)
+            else:
+                await stream.reset()
+            return
+        raw.set_protocol(TProtocol(protocol))
+        handler = self._handlers.get(protocol)
+        if handler is None:
+            await self._serve_libp2p(stream, libp2p_handlers[TProtocol(protocol)])
             return
         try:
             await handler(stream)
@@ -545,6 +738,22 @@ class P2PHost:
             await stream.reset()
             raise
         await _quietly("stream close", stream.close)
+
+    async def _serve_libp2p(self, stream: Stream, handler: Any) -> None:
+        """One of py-libp2p's own protocols (identify, ping) on its raw stream."""
+        if stream._buf:  # bytes read ahead that its handler would never see
+            await stream.reset()
+            return
+        try:
+            await stream.write_raw(b"")  # the echo, if held back
+            await handler(stream._raw)
+        except P2PError as exc:
+            log.debug("p2p: %s for %s: %s", stream.protocol, stream.remote_peer_id, exc)
+            await stream.reset()
+        except Exception:  # libp2p's handler failed: its stream only
+            log.debug("p2p: %s handler for %s failed", stream.protocol,
+                      stream.remote_peer_id, exc_info=True)
+            await stream.reset()
 
     def _cancel_handlers(self) -> None:
         self._closing = True
@@ -605,6 +814,7 @@ async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
     if not (connect_timeout > 0 and math.isfinite(connect_timeout)):
         raise ValueError("connect_timeout must be a positive number of seconds")
     _quiet_libp2p_logs()
+    _GfspYamux.install()
     listen_maddr = _parse_multiaddr(listen)
     key_pair = _key_pair(key)
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
@@ -612,15 +822,14 @@ async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
         host = new_host(
             key_pair=key_pair,
             sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): _GfspYamux},
             listen_addrs=[listen_maddr],
             connection_config=ConnectionConfig(max_connections_per_peer=1),
         )
     except (BaseLibp2pError, ValueError, TypeError) as exc:
         raise ProtocolError(f"cannot create a host for {listen!r}: {exc}") from exc
-    p2p = P2PHost(host, connect_timeout=connect_timeout)
-    for protocol, handler in handlers.items():
-        host.set_stream_handler(TProtocol(protocol), p2p._wrap_handler(protocol, handler))
+    p2p = P2PHost(host, connect_timeout=connect_timeout, handlers=handlers)
+    host.get_network().set_stream_handler(p2p._inbound)
 
     started = False
     try:
