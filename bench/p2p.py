@@ -311,7 +311,7 @@ def cpu_note(what: str, own: float, kids: float, who: str) -> str:
 
 
 async def _echo(stream: Stream) -> None:
-    await stream.write_frame(await stream.read_frame(ECHO_MAX))
+    await stream.write_frame(await stream.read_frame(ECHO_MAX), last=True)
 
 
 async def echo_responder_main() -> None:

@@ -238,5 +238,5 @@ class ApprovalService:
                 approver=self.operator, approved=approved, reason="" if approved else reason,
                 endpoint=await self.endpoint(), expiry_height=expiry, ts=self.guard.now_ms())
             resp = dataclasses.replace(resp, sig=self.signer.sign_replicate_piece_approval(resp))
-            await stream.write_frame(encode(resp))
+            await stream.write_frame(encode(resp), last=True)
             await stream.close()

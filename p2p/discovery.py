@@ -70,7 +70,7 @@ class Discovery:
             sp = await self._registered(ping.operator, ping.peer_id, "ping")
             verify(ping, sp.operator_key)
             self.guard.check(ping.operator, ping.nonce, ping.ts, "ping")
-            await stream.write_frame(encode(self._pong(ping)))
+            await stream.write_frame(encode(self._pong(ping)), last=True)
             await stream.close()
         await self.table.mark_alive(ping.peer_id, ping.operator, ping.addrs, pinged_us=True)
 

@@ -23,7 +23,9 @@ CPU for both ends in one process): py-libp2p's yamux credits the window after ev
 doubles it each time (12 frames), and its multistream-select costs two round trips and four
 frames. Our yamux streams credit at half-window as go-yamux does, and we negotiate ourselves
 (p2p/multistream.py: a lazy dialer, a listener that answers in one write and sends the echo
-with the response): 6 frames, 1.6 ms, same bytes on the wire for any libp2p peer.
+with the response); a new stream's SYN rides on its first frame and a last write carries
+FIN (``write_frame(..., last=True)``): 3 frames (SYN+data+FIN, ACK, data+FIN), 1.1 ms, and
+the same protocols on the wire for any libp2p peer.
 """
 
 from __future__ import annotations
@@ -84,6 +86,12 @@ _CLEANUP_TIMEOUT = 1.0
 _HOST_CLOSE_TIMEOUT = 5.0
 #: How many protocols a dialer may propose on one inbound stream before we reset it.
 _MAX_PROPOSALS = 8
+#: yamux frame header (version, type, flags, stream id, length) and the values we use
+_YAMUX_HEADER = struct.Struct("!BBHII")
+_YAMUX_WINDOW_UPDATE = 0x1
+_YAMUX_SYN = 0x1
+_YAMUX_FIN = 0x4
+_YAMUX_MAX_PAYLOAD = 64 * 1024 - 12  # py-libp2p's MAX_MESSAGE_SIZE minus the header
 #: Parsed peer ids a host remembers (more than any network of SPs we serve).
 _MAX_IDS = 4096
 #: Stream I/O errors other than libp2p's own that a dead connection can surface.
@@ -302,9 +310,39 @@ class _GfspYamuxStream(YamuxStream):
             self.recv_window += delta
         await self.send_window_update(delta)
 
+    def fits_one_frame(self, n: int) -> bool:
+        """True when n bytes (n > 0) go out as one data frame right now."""
+        return 0 < n <= min(self.send_window, _YAMUX_MAX_PAYLOAD)
+
+    async def write_last(self, data: bytes) -> None:
+        """Write data (one frame: check :meth:`fits_one_frame`) with FIN on it: our side is
+        closed after it (the later ``close()`` sends nothing more)."""
+        owed: dict[int, int] = self.conn._owed_flags  # type: ignore[attr-defined]
+        before = owed.get(self.stream_id, 0)
+        owed[self.stream_id] = before | _YAMUX_FIN
+        try:
+            await self.write(data)
+        except BaseException:
+            if self.stream_id in owed:  # not written: owe what we owed before
+                owed[self.stream_id] = before
+                if not before:
+                    del owed[self.stream_id]
+            raise
+        self.send_closed = True
+
 
 class _GfspYamux(Yamux):
-    """Yamux whose streams are :class:`_GfspYamuxStream` (py-libp2p builds them by name)."""
+    """Yamux whose streams are :class:`_GfspYamuxStream`, and whose frames carry flags along.
+
+    A new outbound stream's SYN is not sent alone: it rides on the stream's first frame (go-
+    yamux style; py-libp2p accepts data with SYN). :meth:`_GfspYamuxStream.write_last` puts
+    FIN on the data frame itself. Flags owed to a stream wait in ``_owed_flags`` for its next
+    frame.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._owed_flags: dict[int, int] = {}
 
     @staticmethod
     def install() -> None:
@@ -326,6 +364,17 @@ class _GfspYamux(Yamux):
         stream.__class__ = _GfspYamuxStream
         return stream
 
+    async def _write_frame(self, data: bytes) -> None:
+        if len(data) >= _YAMUX_HEADER.size:
+            _, typ, flags, sid, length = _YAMUX_HEADER.unpack_from(data)
+            if typ == _YAMUX_WINDOW_UPDATE and flags == _YAMUX_SYN and length == 0:
+                self._owed_flags[sid] = self._owed_flags.get(sid, 0) | _YAMUX_SYN
+                return  # open_stream's bare SYN: it goes with the stream's first frame
+            owed = self._owed_flags.pop(sid, 0) if self._owed_flags else 0
+            if owed:
+                data = _YAMUX_HEADER.pack(0, typ, flags | owed, sid, length) + data[
+                    _YAMUX_HEADER.size:]
+        await super()._write_frame(data)
 
 # --- streams ----------------------------------------------------------------------------------
 
@@ -465,18 +514,29 @@ class Stream:
             self.refused = True
         raise ProtocolError(f"{self.remote_peer_id} proposed {_MAX_PROPOSALS} unknown protocols")
 
-    async def write_frame(self, data: bytes) -> None:
-        """Write one frame: the prefix and the body in ONE write call (pitfall 9)."""
+    async def write_frame(self, data: bytes, *, last: bool = False) -> None:
+        """Write one frame: the prefix and the body in ONE write call (pitfall 9).
+
+        ``last``: nothing more will be written; our side is closed with this very frame when
+        it fits in one yamux frame (else right after it).
+        """
         if len(data) > MAX_FRAME_LEN:
             raise FrameTooLarge(len(data), MAX_FRAME_LEN)
-        await self.write_raw(FRAME_HEADER.pack(len(data)) + bytes(data))
+        await self.write_raw(FRAME_HEADER.pack(len(data)) + bytes(data), last=last)
 
-    async def write_raw(self, data: bytes) -> None:
-        """Write bytes as they are (no framing), after what we owe the remote (if anything)."""
+    async def write_raw(self, data: bytes, *, last: bool = False) -> None:
+        """Write bytes as they are (no framing), after what we owe the remote (if anything);
+        ``last`` as for :meth:`write_frame`."""
         if self._owed:
             data, self._owed = self._owed + data, b""
+        muxed = getattr(self._raw, "muxed_stream", None)
         try:
+            if last and isinstance(muxed, _GfspYamuxStream) and muxed.fits_one_frame(len(data)):
+                await muxed.write_last(data)
+                return
             await self._raw.write(data)
+            if last:
+                await self._raw.close_write()
         except _IO_ERRORS as exc:
             raise StreamClosed(
                 f"stream to {self.remote_peer_id} closed while writing: {exc!r}") from exc
@@ -653,7 +713,7 @@ class P2PHost:
             with trio.fail_after(timeout):
                 await self.connect(peer_id, addrs)
                 stream = await self._open_lazy(peer_id, protocol)
-                await stream.write_frame(frame)
+                await stream.write_frame(frame, last=True)
                 response = await stream.read_frame(max_response)
                 await stream.close()
                 return response
