@@ -417,3 +417,31 @@ async def test_new_stream_request_rtt_figure() -> None:
                 rtts.append(trio.current_time() - t0)
     print(f"\nmedian new-stream request RTT over {len(rtts)}: "
           f"{statistics.median(rtts) * 1000:.2f} ms (max {max(rtts) * 1000:.2f} ms)")
+
+
+@pytest.mark.parametrize("size", [10, 200 * 1024])  # one yamux frame / several (fallback)
+async def test_last_write_closes_our_side(size: int) -> None:
+    after: list[BaseException] = []
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+    async def last_then_more(stream: Stream) -> None:
+        await stream.read_frame(MAX)
+        await stream.write_frame(body, last=True)
+        try:
+            await stream.write_frame(b"too late")
+        except StreamClosed as exc:
+            after.append(exc)
+
+    with trio.fail_after(DEADLINE):
+        async with two_hosts({ECHO: last_then_more}) as (server, client):
+            await client.connect(server.peer_id, server.listen_addrs)
+            stream = await client.open_stream(server.peer_id, ECHO)
+            await stream.write_frame(b"go")
+            assert await stream.read_frame(len(body)) == body
+            with pytest.raises(StreamClosed):  # EOF right after the last frame
+                await stream.read_frame(MAX)
+            await stream.close()
+            assert len(after) == 1
+            again = await client.request(server.peer_id, server.listen_addrs, ECHO, b"again",
+                                         max_response=len(body), timeout=5.0)
+            assert again == body
