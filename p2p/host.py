@@ -855,6 +855,10 @@ class _Libp2pRootFilter(logging.Filter):
         return record.levelno >= logging.ERROR or "/libp2p/" not in path
 
 
+def _no_identify(peer_id: Any, *, reason: str) -> None:
+    """Stands in for ``BasicHost._schedule_identify`` on our hosts: identify is not run."""
+
+
 def _key_pair(key: PrivateKey) -> KeyPair:
     sk = nacl.signing.SigningKey(key.seed_bytes())
     return KeyPair(Ed25519PrivateKey(sk), Ed25519PublicKey(sk.verify_key))
@@ -888,6 +892,10 @@ async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
         )
     except (BaseLibp2pError, ValueError, TypeError) as exc:
         raise ProtocolError(f"cannot create a host for {listen!r}: {exc}") from exc
+    # py-libp2p runs identify on every new connection, both ends (in system tasks outside any
+    # nursery; a signed peer record each way): ~10 ms of CPU per connection, of no use to us
+    # (the SP registry is our source of addresses and keys). We still answer a peer's identify.
+    host._schedule_identify = _no_identify
     p2p = P2PHost(host, connect_timeout=connect_timeout, handlers=handlers)
     host.get_network().set_stream_handler(p2p._inbound)
 
