@@ -22,21 +22,25 @@ it, and report the result (:meth:`report_task`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import sqlite3
 import time
+from dataclasses import dataclass
 
 import httpx
 import trio
+import zfec
 
 from modulars.signer import integrity_payload
 from node.chain import ChainClient, ChainError, require_chain
 from node.crypto import verify
-from node.ec import Codec
-from node.errors import GfspError, SignatureError
+from node.ec import Codec, piece_size
+from node.errors import GfspError, ResourceLimitExceeded, SignatureError, unwrap
 from node.modular import ModularBase, NodeContext
 from node.piecestore import parse_key, segment_key
+from node.rcmgr import Span
 from node.tasks import (
     GCMetaTask,
     GCObjectTask,
@@ -45,6 +49,7 @@ from node.tasks import (
     ReplicatePieceApprovalTask,
     ReplicatePieceTask,
     SealObjectTask,
+    StorageParams,
     Task,
 )
 from p2p.messages import ApprovalResponse, encode
@@ -164,17 +169,25 @@ class TaskExecutor(ModularBase):
             ask, n, n + self.ctx.config.p2p.approval_backups)
         targets: list[ApprovalResponse] = list(approvals[:n])
         backups: list[ApprovalResponse] = list(approvals[n:])
-        codec = Codec(params.data_shards, params.parity_shards)
+        codec = _ObjectCodec(params, obj.size)
         segments = params.segment_count(obj.size)
-        for segment in range(segments):
-            pieces = await self._pieces(codec, obj.id, segment)
-            failed: list[int] = []
-            async with trio.open_nursery() as nursery:
-                for index in range(n):
-                    nursery.start_soon(self._send_or_mark, targets[index], obj.id, index,
-                                       segment, pieces[index], failed)
-            for index in failed:
-                await self._switch(targets, backups, index, codec, obj.id, segment + 1)
+        with self._read_ahead_span(task) as ahead:
+            # One segment's pieces are covered by the task's own reservation; a second one
+            # (read and encoded while the first is sent) only when the limiter has room.
+            depth = 1 if ahead is None else 2
+            slots = trio.Semaphore(depth)
+            send, receive = trio.open_memory_channel[_Encoded](depth)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._encode_segments, codec, obj.id, segments, slots,
+                                       send)
+                    async with receive:
+                        async for encoded in receive:
+                            await self._send_segment(encoded, targets, backups, codec, obj.id,
+                                                     slots)
+                            del encoded  # the pieces go before the next segment comes
+            except BaseExceptionGroup as group:
+                raise unwrap(group) from None
         signatures: list[bytes] = [b""] * n
         for index in range(n):
             while True:
@@ -188,24 +201,83 @@ class TaskExecutor(ModularBase):
         task.secondaries = [t.approver for t in targets]
         task.secondary_signatures = signatures
 
-    async def _pieces(self, codec: Codec, object_id: int, segment: int) -> list[bytes]:
-        data = await self.store.get(segment_key(object_id, segment))
-        return await trio.to_thread.run_sync(codec.encode, data)
+    async def _send_segment(self, encoded: _Encoded, targets: list[ApprovalResponse],
+                            backups: list[ApprovalResponse], codec: _ObjectCodec, object_id: int,
+                            slots: trio.Semaphore) -> None:
+        """Send piece ``i`` of one segment to secondary ``i`` (all at once); a secondary that
+        failed is switched to a backup. The segment's slot is given back on every path."""
+        try:
+            failed: list[int] = []
+            async with trio.open_nursery() as senders:
+                for index in range(len(targets)):
+                    senders.start_soon(self._send_or_mark, targets[index], object_id, index,
+                                       encoded.segment, encoded.pieces[index],
+                                       encoded.digests[index], failed)
+            encoded.pieces.clear()  # free the pieces before a backup re-encodes any
+            for index in failed:
+                await self._switch(targets, backups, index, codec, object_id,
+                                   encoded.segment + 1)
+        finally:
+            slots.release()
+
+    def _read_ahead_span(self, task: ReplicatePieceTask) -> contextlib.AbstractContextManager[
+            Span | None]:
+        """A span holding one more segment's pieces, or None when the limiter has no room."""
+        try:
+            return self.ctx.limiter.span(self.name, memory=task.estimate().memory)
+        except ResourceLimitExceeded:
+            log.info("replicating %s one segment at a time: no memory to read ahead", task.key)
+            return contextlib.nullcontext()
+
+    async def _encode_segments(self, codec: _ObjectCodec, object_id: int, segments: int,
+                               slots: trio.Semaphore,
+                               send: trio.MemorySendChannel[_Encoded]) -> None:
+        """Read, encode and hash segments in order, each once a slot is free (the consumer
+        gives a slot back once that segment's pieces are sent and dropped)."""
+        async with send:
+            for segment in range(segments):
+                await slots.acquire()
+                try:
+                    pieces, digests = await self._pieces(codec, object_id, segment)
+                except BaseException:
+                    slots.release()
+                    raise
+                await send.send(_Encoded(segment, pieces, digests))
+                del pieces, digests
+
+    async def _pieces(self, codec: _ObjectCodec, object_id: int, segment: int
+                      ) -> tuple[list[bytes], list[str]]:
+        """A segment's pieces and their SHA-256 (hex), encoded and hashed in a worker thread.
+
+        The data pieces are read straight from the segment's file, one range each (the code
+        is systematic: they are the segment's own bytes), so no copy of the whole segment is
+        made next to them."""
+        key = segment_key(object_id, segment)
+        length = codec.segment_len(segment)
+        size = piece_size(length, codec.k)
+        blocks: list[bytes] = []
+        for i in range(codec.k):
+            block = await self.store.get(key, i * size, size)
+            want = min(size, max(0, length - i * size))
+            if len(block) != want:
+                raise ReplicateError(f"segment {key} is not {length} bytes long")
+            blocks.append(block if want == size else block.ljust(size, b"\0"))
+        return await trio.to_thread.run_sync(_encode_and_hash, codec, blocks)
 
     async def _send_or_mark(self, approval: ApprovalResponse, object_id: int, index: int,
-                            segment: int, piece: bytes, failed: list[int]) -> None:
+                            segment: int, piece: bytes, digest: str, failed: list[int]
+                            ) -> None:
         try:
-            await self._send(approval, object_id, index, segment, piece)
+            await self._send(approval, object_id, index, segment, piece, digest)
         except (ReplicateError, httpx.HTTPError) as exc:
             log.warning("piece %d/%d of object %d to %s failed: %s", segment, index,
                         object_id, approval.approver, exc)
             failed.append(index)
 
     async def _send(self, approval: ApprovalResponse, object_id: int, index: int,
-                    segment: int, piece: bytes) -> None:
+                    segment: int, piece: bytes, digest: str) -> None:
         assert self.http is not None
         url = approval.endpoint.rstrip("/") + replicate_path(object_id, index, segment)
-        digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(piece).hexdigest())
         headers = self.ctx.modulars.signer.sign_http_request(
             "PUT", url, body_sha256=digest, headers={APPROVAL_HEADER: encode(approval).hex()})
         response = await self.http.put(url, content=piece, headers=headers)
@@ -213,7 +285,7 @@ class TaskExecutor(ModularBase):
             raise ReplicateError(f"HTTP {response.status_code}: {response.text[:200]}")
 
     async def _switch(self, targets: list[ApprovalResponse], backups: list[ApprovalResponse],
-                      index: int, codec: Codec, object_id: int, upto: int) -> None:
+                      index: int, codec: _ObjectCodec, object_id: int, upto: int) -> None:
         """Give ``index`` to the next backup and send it segments ``0..upto-1`` again."""
         while backups:
             approval = backups.pop(0)
@@ -222,8 +294,10 @@ class TaskExecutor(ModularBase):
             targets[index] = approval
             try:
                 for segment in range(upto):
-                    pieces = await self._pieces(codec, object_id, segment)
-                    await self._send(approval, object_id, index, segment, pieces[index])
+                    pieces, digests = await self._pieces(codec, object_id, segment)
+                    piece, digest = pieces[index], digests[index]
+                    del pieces
+                    await self._send(approval, object_id, index, segment, piece, digest)
                 return
             except (ReplicateError, httpx.HTTPError) as exc:
                 log.warning("backup %s failed too: %s", approval.approver, exc)
@@ -369,6 +443,34 @@ class TaskExecutor(ModularBase):
             last = await self.ctx.db.run(_last_gc_height)
             if height > last:
                 await self.ctx.modulars.manager.schedule_gc_object(last, height)
+
+
+class _ObjectCodec(Codec):
+    """The codec of one object: also knows the length of each of its segments."""
+
+    def __init__(self, params: StorageParams, size: int) -> None:
+        super().__init__(params.data_shards, params.parity_shards)
+        self.params = params
+        self.size = size
+
+    def segment_len(self, segment: int) -> int:
+        return self.params.segment_len(self.size, segment)
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """One segment's pieces and their SHA-256 (hex), ready to send."""
+
+    segment: int
+    pieces: list[bytes]
+    digests: list[str]
+
+
+def _encode_and_hash(codec: _ObjectCodec, blocks: list[bytes]) -> tuple[list[bytes], list[str]]:
+    """The pieces of a segment given as its ``k`` data pieces (what :meth:`Codec.encode`
+    gives for the whole segment: zfec returns the data blocks themselves, then the parity)."""
+    pieces = list(zfec.Encoder(codec.k, codec.k + codec.m).encode(blocks))
+    return pieces, [hashlib.sha256(p).hexdigest() for p in pieces]
 
 
 def _last_gc_height(conn: sqlite3.Connection) -> int:

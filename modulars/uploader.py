@@ -42,6 +42,10 @@ log = logging.getLogger("gfsp.uploader")
 
 UPLOADING, UPLOADED, FAILED = "UPLOADING", "UPLOADED", "FAILED"
 
+#: Segment buffers per upload: one being received while the previous one is hashed and written
+#: (the memory ``pre_upload_object`` reserves).
+SEGMENTS_IN_FLIGHT = 2
+
 
 class BadDigest(ServiceError):
     def __init__(self, message: str) -> None:
@@ -90,7 +94,7 @@ class Uploader(ModularBase):
                                      else "this object is being uploaded already", 1.0)
         if not self.store.has_room(task.object.size):
             raise ServiceError("InsufficientStorage", "not enough free disk space", 507)
-        memory = 2 * min(task.params.segment_size, max(task.object.size, 1))
+        memory = SEGMENTS_IN_FLIGHT * min(task.params.segment_size, max(task.object.size, 1))
         try:
             span = self.ctx.limiter.span(self.name, memory=memory, task_priority=task.priority)
         except ResourceLimitExceeded as exc:
@@ -110,15 +114,19 @@ class Uploader(ModularBase):
         obj, seg_size = task.object, task.params.segment_size
         await self._progress(task, UPLOADING, 0, 0)
         hashes: list[bytes] = []
-        send, receive = trio.open_memory_channel[tuple[int, bytes]](0)
+        slots = _Slots(min(seg_size, max(obj.size, 1)), SEGMENTS_IN_FLIGHT)
+        send, receive = trio.open_memory_channel[tuple[int, bytearray, int]](
+            SEGMENTS_IN_FLIGHT)
         try:
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer, task, receive, hashes)
+                    nursery.start_soon(self._writer, task, receive, hashes, slots)
                     async with send:
-                        total = await self._cut(stream, seg_size, obj.size, send)
+                        total = await self._cut(stream, seg_size, obj.size, send, slots)
             except BaseExceptionGroup as group:
                 raise unwrap(group) from None
+            finally:
+                slots.drop()  # the segment buffers go before the manager queues replication
             if total != obj.size:
                 raise IncompleteUpload(f"got {total} bytes, the object has {obj.size}")
             integrity = integrity_hash(hashes)
@@ -147,40 +155,54 @@ class Uploader(ModularBase):
     # --- the pipeline ---------------------------------------------------------------------
 
     async def _cut(self, stream: AsyncIterator[bytes], seg_size: int, size: int,
-                   send: trio.MemorySendChannel[tuple[int, bytes]]) -> int:
-        """Cut the stream into segments, handing each to the writer; returns the length."""
-        buf = bytearray()
-        total = index = 0
+                   send: trio.MemorySendChannel[tuple[int, bytearray, int]],
+                   slots: _Slots) -> int:
+        """Cut the stream into segments, copied once into a slot each and handed to the
+        writer; returns the length."""
+        total = index = fill = 0
+        slot: bytearray | None = None
         async for chunk in stream:
             total += len(chunk)
             if total > size:
                 raise IncompleteUpload(f"the body is longer than the object's {size} bytes")
-            buf += chunk
-            while len(buf) >= seg_size:
-                await send.send((index, bytes(buf[:seg_size])))
-                del buf[:seg_size]
-                index += 1
-        if buf:
-            await send.send((index, bytes(buf)))
+            with memoryview(chunk) as view:
+                done = 0
+                while done < len(view):
+                    if slot is None:
+                        slot = await slots.take()
+                    n = min(len(view) - done, seg_size - fill)
+                    slot[fill:fill + n] = view[done:done + n]
+                    fill += n
+                    done += n
+                    if fill == seg_size:
+                        await send.send((index, slot, fill))
+                        slot, fill, index = None, 0, index + 1
+        if slot is not None and fill:
+            await send.send((index, slot, fill))
         return total
 
     async def _writer(self, task: UploadObjectTask,
-                      receive: trio.MemoryReceiveChannel[tuple[int, bytes]],
-                      hashes: list[bytes]) -> None:
+                      receive: trio.MemoryReceiveChannel[tuple[int, bytearray, int]],
+                      hashes: list[bytes], slots: _Slots) -> None:
+        """Hash and durably write each segment (worker threads, in parallel), in order; the
+        slot goes back to the cutter once both are done."""
         done_bytes = 0
         async with receive:
-            async for index, segment in receive:
+            async for index, slot, length in receive:
                 digest: list[bytes] = []
+                with memoryview(slot)[:length] as segment:
 
-                async def hash_it(data: bytes = segment, out: list[bytes] = digest) -> None:
-                    out.append(await trio.to_thread.run_sync(sha256, data))
+                    async def hash_it(data: memoryview = segment, out: list[bytes] = digest
+                                      ) -> None:
+                        out.append(await trio.to_thread.run_sync(sha256, data))
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(hash_it)
-                    nursery.start_soon(self.store.put, segment_key(task.object.id, index),
-                                       segment)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(hash_it)
+                        nursery.start_soon(self.store.put, segment_key(task.object.id, index),
+                                           segment)
+                slots.give(slot)
                 hashes.append(digest[0])
-                done_bytes += len(segment)
+                done_bytes += length
                 await self._progress(task, UPLOADING, index + 1, done_bytes)
 
     def _record_integrity(self, conn: sqlite3.Connection, task: UploadObjectTask,
@@ -201,6 +223,34 @@ class Uploader(ModularBase):
             "INSERT OR REPLACE INTO upload_progress (object_id, bucket, object, state, "
             "segments_done, bytes_done, error, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             row))
+
+
+class _Slots:
+    """At most ``count`` segment buffers of ``size`` bytes for one upload, made on first use
+    and reused: the cutter fills one while the writer hashes and writes another."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self._made = 0
+        self._count = count
+        self._send, self._receive = trio.open_memory_channel[bytearray](count)
+
+    async def take(self) -> bytearray:
+        if self._made < self._count:
+            try:
+                return self._receive.receive_nowait()
+            except trio.WouldBlock:
+                self._made += 1
+                return bytearray(self.size)
+        return await self._receive.receive()
+
+    def give(self, slot: bytearray) -> None:
+        self._send.send_nowait(slot)
+
+    def drop(self) -> None:
+        """Forget the buffers (they are freed once no task holds one)."""
+        self._send.close()
+        self._receive.close()
 
 
 def _reason(exc: BaseException) -> str:

@@ -18,18 +18,31 @@ A put writes a ``.tmp-<random>`` file in that leaf folder, fsyncs it (when ``fsy
 renames it over the key and fsyncs the folder: a reader sees the old piece or the new one, never
 a torn one, and a crash mid-write leaves only a temporary file, which :meth:`~LocalPieceStore.open`
 removes. All file IO runs in worker threads (``trio.to_thread.run_sync``), never on the event loop.
+
+With ``fsync`` on, the temporary file is written with ``O_DIRECT`` (Linux): the data is copied,
+:data:`DIRECT_CHUNK` bytes at a time, into a page-aligned buffer (an anonymous mmap, kept for
+reuse by the next put: at most :data:`DIRECT_IDLE_BUFFERS` idle per store) and written from it,
+bypassing the page cache; the last partial block is written through the page cache, then the file
+is ``fdatasync``-ed. Buffered writes followed by an fsync run at a fraction of the speed on
+some disks (the kernel writes back the dirty pages only when asked). :meth:`LocalPieceStore.open`
+probes once whether the file system takes ``O_DIRECT`` (tmpfs and others refuse it with
+EINVAL) and falls back to buffered writes when it does not; ``direct_io=False`` turns it off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import re
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Iterable
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -50,6 +63,13 @@ MAX_INDEX = 2**64 - 1
 
 #: Prefix of temporary files; never a valid key, so never listed nor counted.
 TMP_PREFIX = ".tmp-"
+
+#: ``O_DIRECT`` writes: bytes per write (the aligned buffer's size), their alignment, and how
+#: many idle aligned buffers a store keeps for reuse (more are unmapped when returned).
+DIRECT_CHUNK = 4 << 20
+DIRECT_ALIGN = 4096
+DIRECT_IDLE_BUFFERS = 2
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
 # ASCII digits only ([0-9], not \d, which matches other scripts' digits), no leading zeros,
 # bounded length (the range check below is exact; this keeps file names short).
@@ -236,6 +256,64 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _AlignedBuffers:
+    """Page-aligned buffers (anonymous mmaps) of ``size`` bytes for ``O_DIRECT`` writes: one per
+    concurrent writer, at most ``idle`` kept for reuse once returned (thread-safe)."""
+
+    def __init__(self, size: int, idle: int) -> None:
+        self.size = size
+        self.idle = idle
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[mmap.mmap]:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None:
+            buf = mmap.mmap(-1, self.size)
+        try:
+            yield buf
+        finally:
+            with self._lock:
+                keep = len(self._free) < self.idle
+                if keep:
+                    self._free.append(buf)
+            if not keep:
+                buf.close()
+
+    def idle_count(self) -> int:
+        return len(self._free)
+
+
+def _direct_probe(folder: Path) -> OSError | None:
+    """Whether ``folder``'s file system takes an ``O_DIRECT`` write (None) or why not."""
+    if not _O_DIRECT:
+        return OSError(errno.EINVAL, "O_DIRECT is not available on this platform")
+    path = folder / f"{TMP_PREFIX}probe-{secrets.token_hex(8)}"
+    buf = mmap.mmap(-1, DIRECT_ALIGN)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _O_DIRECT,
+                     0o600)
+        try:
+            with memoryview(buf) as view:
+                _write_all(fd, view)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e
+    finally:
+        buf.close()
+        _unlink_quietly(path)
+    return None
+
+
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink(missing_ok=True)
@@ -253,7 +331,9 @@ class LocalPieceStore:
     :func:`open_piecestore`) before anything else.
 
     ``shard_levels`` levels of two-hex-digit folders (0: every piece in ``root``); ``fsync``
-    makes each put durable before it returns (file, then folder after the rename);
+    makes each put durable before it returns (file, then folder after the rename); with
+    ``fsync``, ``direct_io`` writes the file with ``O_DIRECT`` when the file system takes it
+    (probed at :meth:`open`; :attr:`direct` tells);
     ``min_free_bytes`` is the floor :meth:`has_room` keeps. ``put`` does not check room itself:
     the caller decides (with :meth:`has_room`) whether to accept new data.
 
@@ -263,7 +343,7 @@ class LocalPieceStore:
     """
 
     def __init__(self, root: Path, *, shard_levels: int = 2, fsync: bool = True,
-                 min_free_bytes: int = 0) -> None:
+                 min_free_bytes: int = 0, direct_io: bool = True) -> None:
         if type(shard_levels) is not int or not 0 <= shard_levels <= 32:
             raise ValueError(f"shard_levels must be an int in 0..32, not {shard_levels!r}")
         if min_free_bytes < 0:
@@ -275,14 +355,19 @@ class LocalPieceStore:
         self._used = 0
         self._opened = False
         self._locks: dict[str, _KeyLock] = {}
+        self.direct_io = bool(direct_io)
+        #: Whether puts write with ``O_DIRECT`` (decided by :meth:`open`).
+        self.direct = False
+        self._buffers = _AlignedBuffers(DIRECT_CHUNK, DIRECT_IDLE_BUFFERS)
 
     # -- lifecycle --
 
     @classmethod
     async def create(cls, root: Path, *, shard_levels: int = 2, fsync: bool = True,
-                     min_free_bytes: int = 0) -> LocalPieceStore:
+                     min_free_bytes: int = 0, direct_io: bool = True) -> LocalPieceStore:
         """Construct and :meth:`open` a store."""
-        store = cls(root, shard_levels=shard_levels, fsync=fsync, min_free_bytes=min_free_bytes)
+        store = cls(root, shard_levels=shard_levels, fsync=fsync, min_free_bytes=min_free_bytes,
+                    direct_io=direct_io)
         await store.open()
         return store
 
@@ -328,9 +413,22 @@ class LocalPieceStore:
                         used += size
             if removed:
                 log.info("removed %d leftover temporary file(s) under %s", removed, self.root)
+            self._decide_direct()
             return used
         except OSError as e:
             raise PieceStoreError(f"cannot open piece store at {self.root}: {e}") from e
+
+    def _decide_direct(self) -> None:
+        if not (self.fsync and self.direct_io):
+            self.direct = False
+            return
+        refused = _direct_probe(self.root)
+        self.direct = refused is None
+        if refused is None:
+            log.info("piece store under %s writes with O_DIRECT", self.root)
+        else:
+            log.info("piece store under %s: O_DIRECT refused (%s); buffered writes + fsync",
+                     self.root, refused)
 
     def _check_open(self) -> None:
         if not self._opened:
@@ -401,18 +499,53 @@ class LocalPieceStore:
 
     def _write_tmp_sync(self, folder: Path, view: memoryview) -> Path:
         tmp = folder / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
         try:
             self._ensure_dir(folder)
+            if self.direct:
+                try:
+                    self._write_direct(tmp, view)
+                    return tmp
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    _unlink_quietly(tmp)
+                    self.direct = False
+                    log.info("piece store under %s: O_DIRECT write refused (%s); buffered "
+                             "writes + fsync from now on", self.root, e)
             with tmp.open("xb") as f:
                 f.write(view)
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            _unlink_quietly(tmp)
             raise PieceStoreError(f"cannot write piece {tmp.name} under {folder}: {e}") from e
         return tmp
+
+    def _write_direct(self, tmp: Path, view: memoryview) -> None:
+        """Write ``view`` to the new file ``tmp`` with ``O_DIRECT`` and fdatasync it: the
+        aligned prefix through a page-aligned buffer, the last partial block buffered."""
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _O_DIRECT,
+                     0o644)
+        try:
+            size = len(view)
+            aligned = size - size % DIRECT_ALIGN
+            if aligned:
+                with self._buffers.take() as buf, memoryview(buf) as chunk:
+                    offset = 0
+                    while offset < aligned:
+                        n = min(len(chunk), aligned - offset)
+                        chunk[:n] = view[offset:offset + n]
+                        _write_all(fd, chunk[:n])
+                        offset += n
+            if aligned < size:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+                _write_all(fd, view[aligned:])
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def _commit_sync(self, tmp: Path, path: Path) -> int:
         """Rename ``tmp`` over ``path``; returns the change of used bytes."""

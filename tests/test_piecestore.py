@@ -466,3 +466,104 @@ async def test_open_piecestore_from_config(tmp_path: Path) -> None:
     assert (store.shard_levels, store.fsync, store.min_free_bytes) == (1, False, 123)
     await store.put("1_s0", b"x")
     assert len(_files(store.root)[0].relative_to(store.root).parts) == 2
+
+
+# --- O_DIRECT writes --------------------------------------------------------------------------
+
+
+DIRECT_SIZES = [0, 1, 4095, 4096, 4097, psmod.DIRECT_CHUNK, 2 * psmod.DIRECT_CHUNK + 123]
+
+
+def _refuse_direct(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make ``os.open`` refuse O_DIRECT with EINVAL (as tmpfs does); returns the refusals."""
+    real_open = os.open
+    refused: list[int] = []
+
+    def fake_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & psmod._O_DIRECT:
+            refused.append(flags)
+            raise OSError(psmod.errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(psmod.os, "open", fake_open)
+    return refused
+
+
+async def test_direct_writes_round_trip(tmp_path: Path) -> None:
+    store = await _store(tmp_path / "ps")
+    if not store.direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    for i, size in enumerate(DIRECT_SIZES):
+        data = random.Random(i).randbytes(size)
+        await store.put(segment_key(1, i), memoryview(data))
+        assert await store.get(segment_key(1, i)) == data
+        assert await store.size(segment_key(1, i)) == size
+    assert store.used_bytes() == sum(DIRECT_SIZES)
+    assert not [f for f in _files(tmp_path) if f.name.startswith(".tmp-")]
+    assert store._buffers.idle_count() == 1  # one buffer, reused by every put
+
+
+async def test_direct_concurrent_puts_keep_few_buffers(tmp_path: Path) -> None:
+    store = await _store(tmp_path / "ps")
+    blobs = {piece_key(2, 0, i): os.urandom(psmod.DIRECT_CHUNK + i) for i in range(6)}
+    async with trio.open_nursery() as nursery:
+        for key, data in blobs.items():
+            nursery.start_soon(store.put, key, data)
+    for key, data in blobs.items():
+        assert await store.get(key) == data
+    assert store._buffers.idle_count() <= psmod.DIRECT_IDLE_BUFFERS
+
+
+async def test_direct_refused_at_open_falls_back_to_buffered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = _refuse_direct(monkeypatch)
+    with caplog.at_level("INFO", logger="gfsp.piecestore"):
+        store = await _store(tmp_path / "ps")
+    assert not store.direct and len(refused) == 1  # decided once, at open
+    assert "O_DIRECT refused" in caplog.text
+    await store.put("1_s0", b"x" * 5000)
+    assert await store.get("1_s0") == b"x" * 5000
+    assert len(refused) == 1
+    assert [f.name for f in _files(tmp_path / "ps")] == ["1_s0"]
+
+
+async def test_direct_refused_at_a_put_falls_back_for_good(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await _store(tmp_path / "ps")
+    if not store.direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    refused = _refuse_direct(monkeypatch)
+    await store.put("1_s0", b"y" * 9000)
+    assert await store.get("1_s0") == b"y" * 9000
+    assert not store.direct and len(refused) == 1
+    await store.put("1_s1", b"z")
+    assert len(refused) == 1
+    assert sorted(f.name for f in _files(tmp_path / "ps")) == ["1_s0", "1_s1"]
+
+
+async def test_direct_write_failure_leaves_no_temp_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await _store(tmp_path / "ps")
+    if not store.direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    await store.put("1_s0", b"old")
+
+    def full(fd: int) -> None:
+        raise OSError(psmod.errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(psmod.os, "fdatasync", full)
+    with pytest.raises(psmod.PieceStoreError, match="No space"):
+        await store.put("1_s0", b"new" * 5000)
+    assert store.direct  # not a refusal of O_DIRECT: no fallback
+    assert await store.get("1_s0") == b"old" and store.used_bytes() == 3
+    assert [f.name for f in _files(tmp_path / "ps")] == ["1_s0"]
+    assert store._buffers.idle_count() == 1
+
+
+@pytest.mark.parametrize("kw", [{"direct_io": False}, {"fsync": False}])
+async def test_direct_off(tmp_path: Path, kw: dict[str, bool]) -> None:
+    store = await _store(tmp_path / "ps", **kw)
+    assert not store.direct
+    await store.put("1_s0", b"abc")
+    assert await store.get("1_s0") == b"abc"

@@ -20,7 +20,7 @@ from node.db import open_spdb
 from node.ec import object_checksums, split
 from node.errors import ServiceUnavailable
 from node.modular import NodeContext
-from node.piecestore import LocalPieceStore, segment_key
+from node.piecestore import LocalPieceStore, PieceStoreError, segment_key
 from node.tasks import ObjectInfo, StorageParams, UploadObjectTask
 from testnet.devchain.testing import new_keyset
 
@@ -148,3 +148,43 @@ async def test_a_second_upload_of_the_same_object_is_refused(tmp_path: Path) -> 
         with pytest.raises(ServiceUnavailable):
             await up.pre_upload_object(task_for(os.urandom(100)))
         up.post_upload_object(task)
+
+
+async def test_a_write_failure_mid_pipeline_releases_everything(tmp_path: Path) -> None:
+    data = os.urandom(5 * SEG + 7)
+    async with uploader(tmp_path) as up:
+        real_put = up.store.put
+        puts: list[str] = []
+
+        async def failing_put(key: str, view: bytes | memoryview) -> None:
+            puts.append(key)
+            if key == segment_key(7, 2):
+                raise PieceStoreError("disk on fire")
+            await real_put(key, view)
+
+        up.store.put = failing_put  # type: ignore[method-assign]
+        with trio.fail_after(10), pytest.raises(PieceStoreError, match="disk on fire"):
+            await upload(up, task_for(data), data)
+        assert segment_key(7, 4) not in puts  # stopped, not run to the end
+        assert await up.store.keys(7) == []
+        state, *_ = await progress(up, 7)
+        assert state == "FAILED"
+        assert up.ctx.limiter.used("uploader").memory == 0
+        assert up.query_tasks() == []
+
+
+async def test_segments_reuse_two_buffers(tmp_path: Path) -> None:
+    data = os.urandom(6 * SEG + 99)
+    async with uploader(tmp_path) as up:
+        seen: set[int] = set()
+        real_put = up.store.put
+
+        async def put(key: str, view: bytes | memoryview) -> None:
+            assert isinstance(view, memoryview)
+            seen.add(id(view.obj))
+            await real_put(key, view)
+
+        up.store.put = put  # type: ignore[method-assign]
+        await upload(up, task_for(data), data)
+        assert len(seen) <= 2
+        assert b"".join([await up.store.get(segment_key(7, i)) for i in range(7)]) == data

@@ -1,0 +1,214 @@
+"""The executor's replication pipeline (read + encode of segment n+1 while segment n is sent),
+on a real piece store with fake secondaries: every piece arrives, at most two segments are in
+flight, a failing secondary moves to a backup, and a failure mid-pipeline releases the limiter
+and leaves no task behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from modulars.executor import ReplicateError, TaskExecutor
+from node.app import build_limiter
+from node.config import Config, LimitsSection, LimitValues
+from node.db import open_spdb
+from node.ec import Codec, object_checksums, split
+from node.errors import GfspError
+from node.modular import NodeContext
+from node.piecestore import LocalPieceStore, segment_key
+from node.tasks import ObjectInfo, ReplicatePieceTask, StorageParams
+from p2p.messages import SIG_LEN, ApprovalResponse
+from testnet.devchain.testing import new_keyset
+
+SEG = 64 << 10
+PARAMS = StorageParams(segment_size=SEG, data_shards=4, parity_shards=2, max_payload=1 << 30)
+N = PARAMS.data_shards + PARAMS.parity_shards
+OBJECT_ID = 9
+
+
+class FakeP2P:
+    name = "p2p"
+
+    def __init__(self, approvals: list[ApprovalResponse]) -> None:
+        self.approvals = approvals
+
+    async def handle_replicate_piece_approval(self, ask: Any, lo: int, hi: int
+                                              ) -> list[ApprovalResponse]:
+        return self.approvals[:hi]
+
+
+class FakeSigner:
+    name = "signer"
+
+    def sign_http_request(self, method: str, url: str, *, body_sha256: str,
+                          headers: dict[str, str]) -> dict[str, str]:
+        return {**headers, "x-body-sha256": body_sha256}
+
+
+@dataclasses.dataclass
+class Response:
+    status_code: int
+    text: str = ""
+
+
+class FakeHTTP:
+    """Secondaries: ``fail`` maps (approver, segment) to an exception to raise; every piece
+    that arrives is checked against its signed hash and recorded."""
+
+    def __init__(self) -> None:
+        self.got: dict[tuple[str, int, int], bytes] = {}
+        self.fail: dict[tuple[str, int], Exception] = {}
+        self.sent: dict[int, int] = {}  # segment -> pieces sent (first round only)
+        self.lag = 0  # max segments encoded ahead of the oldest segment not fully sent
+
+    async def put(self, url: str, *, content: bytes, headers: dict[str, str]) -> Response:
+        await trio.lowlevel.checkpoint()
+        host = url.split("/")[2]
+        *_, object_id, index, segment = url.split("/")
+        assert int(object_id) == OBJECT_ID
+        exc = self.fail.get((host, int(segment)))
+        if exc is not None:
+            raise exc
+        assert hashlib.sha256(content).hexdigest() == headers["x-body-sha256"]
+        self.got[(host, int(index), int(segment))] = content
+        self.sent[int(segment)] = self.sent.get(int(segment), 0) + 1
+        return Response(200)
+
+
+def approval(i: int) -> ApprovalResponse:
+    return ApprovalResponse(request_nonce=b"n", object_id=OBJECT_ID, asker="0xprimary",
+                            approver=f"sp{i}", approved=True, reason="",
+                            endpoint=f"http://sp{i}", expiry_height=100, ts=0, sig=bytes(SIG_LEN))
+
+
+@asynccontextmanager
+async def executor(tmp_path: Path, data: bytes, *, backups: int = 0,
+                   config: Config | None = None) -> AsyncIterator[tuple[TaskExecutor, FakeHTTP,
+                                                                       ReplicatePieceTask]]:
+    config = config or Config()
+    config = dataclasses.replace(config, p2p=dataclasses.replace(config.p2p,
+                                                                 approval_backups=backups))
+    store = await LocalPieceStore.create(tmp_path / "pieces", fsync=False)
+    for i, segment in enumerate(split(data, SEG)):
+        await store.put(segment_key(OBJECT_ID, i), segment)
+    async with open_spdb(tmp_path / "spdb.sqlite3") as db:
+        ctx = NodeContext(config=config, limiter=build_limiter(config), db=db,
+                          keys=new_keyset(), piecestore=store)
+        ctx.modulars.mark_running(FakeP2P([approval(i) for i in range(N + backups)]))
+        ctx.modulars.mark_running(FakeSigner())
+        ex = TaskExecutor(ctx)
+        http = FakeHTTP()
+        ex.http = http  # type: ignore[assignment]
+
+        async def done(target: ApprovalResponse, task: Any, index: int) -> bytes:
+            return f"sig-{target.approver}-{index}".encode()
+
+        ex._done = done  # type: ignore[method-assign]
+        sums = object_checksums(split(data, SEG), PARAMS.data_shards, PARAMS.parity_shards)
+        obj = ObjectInfo(id=OBJECT_ID, bucket="b", name="o", owner="0x" + "11" * 20,
+                         size=len(data), checksums=tuple(sums))
+        yield ex, http, ReplicatePieceTask(object=obj, params=PARAMS)
+
+
+def expected(data: bytes) -> list[list[bytes]]:
+    codec = Codec(PARAMS.data_shards, PARAMS.parity_shards)
+    return [codec.encode(s) for s in split(data, SEG)]
+
+
+def watch_lag(ex: TaskExecutor, http: FakeHTTP) -> None:
+    """Record how far the encoder runs ahead of the oldest segment not fully sent."""
+    pieces = ex._pieces
+
+    async def tracked(codec: Any, object_id: int, segment: int) -> Any:
+        oldest = next((s for s in range(segment) if http.sent.get(s, 0) < N), segment)
+        http.lag = max(http.lag, segment - oldest)
+        return await pieces(codec, object_id, segment)
+
+    ex._pieces = tracked  # type: ignore[method-assign]
+
+
+async def test_every_piece_arrives_with_two_segments_in_flight(tmp_path: Path) -> None:
+    data = os.urandom(5 * SEG + 4321)  # a short last segment: its last piece is padded
+    async with executor(tmp_path, data) as (ex, http, task):
+        watch_lag(ex, http)
+        with trio.fail_after(20):
+            await ex.handle_replicate_piece_task(task)
+        want = expected(data)
+        assert len(http.got) == N * len(want)
+        for (host, index, segment), piece in http.got.items():
+            assert host == f"sp{index}" and piece == want[segment][index]
+        assert http.lag == 1  # the next segment is encoded while one is sent, no further
+        assert task.secondaries == [f"sp{i}" for i in range(N)]
+        assert task.secondary_signatures == [f"sig-sp{i}-{i}".encode() for i in range(N)]
+        assert ex.ctx.limiter.used("executor").memory == 0
+
+
+async def test_no_read_ahead_without_memory(tmp_path: Path) -> None:
+    data = os.urandom(4 * SEG)
+    one = ReplicatePieceTask(object=ObjectInfo(id=1, bucket="b", name="o", owner="0x",
+                                               size=len(data), checksums=()),
+                             params=PARAMS).estimate().memory
+    cfg = dataclasses.replace(Config(), limits=LimitsSection(
+        services={"executor": LimitValues(memory=one)}))
+    async with executor(tmp_path, data, config=cfg) as (ex, http, task):
+        watch_lag(ex, http)
+        with trio.fail_after(20), ex.ctx.limiter.span("executor", memory=one):
+            await ex.handle_replicate_piece_task(task)  # as run_task would hold its estimate
+        assert len(http.got) == N * 4
+        assert http.lag == 0
+        assert ex.ctx.limiter.used("executor").memory == 0
+
+
+async def test_a_failing_secondary_moves_to_a_backup(tmp_path: Path) -> None:
+    data = os.urandom(4 * SEG)
+    async with executor(tmp_path, data, backups=1) as (ex, http, task):
+        http.fail[("sp2", 2)] = httpx.ConnectError("down")
+        with trio.fail_after(20):
+            await ex.handle_replicate_piece_task(task)
+        want = expected(data)
+        backup = {(i, s) for (h, i, s) in http.got if h == f"sp{N}"}
+        assert backup == {(2, s) for s in range(4)}
+        for (_host, index, segment), piece in http.got.items():
+            assert piece == want[segment][index]
+        assert task.secondaries[2] == f"sp{N}"
+        assert ex.ctx.limiter.used("executor").memory == 0
+
+
+async def test_a_failure_mid_pipeline_releases_everything(tmp_path: Path) -> None:
+    data = os.urandom(6 * SEG)
+    async with executor(tmp_path, data) as (ex, http, task):
+        http.fail[("sp1", 2)] = httpx.ConnectError("down")  # and no backup left
+        with trio.fail_after(20), pytest.raises(ReplicateError, match="no secondary left"):
+            await ex.handle_replicate_piece_task(task)
+        assert max(s for (_h, _i, s) in http.got) <= 3  # stopped, not run to the end
+        assert ex.ctx.limiter.used("executor").memory == 0
+        assert await ex.store.keys(OBJECT_ID) == [segment_key(OBJECT_ID, i) for i in range(6)]
+
+
+async def test_a_missing_segment_fails_cleanly(tmp_path: Path) -> None:
+    data = os.urandom(5 * SEG)
+    async with executor(tmp_path, data) as (ex, http, task):
+        await ex.store.delete(segment_key(OBJECT_ID, 3))
+        with trio.fail_after(20), pytest.raises(GfspError) as info:
+            await ex.handle_replicate_piece_task(task)
+        assert not isinstance(info.value, BaseExceptionGroup)
+        assert {s for (_h, _i, s) in http.got} <= {0, 1, 2}
+        assert ex.ctx.limiter.used("executor").memory == 0
+
+
+async def test_a_short_segment_is_refused(tmp_path: Path) -> None:
+    data = os.urandom(3 * SEG)
+    async with executor(tmp_path, data) as (ex, _http, task):
+        await ex.store.put(segment_key(OBJECT_ID, 1), data[SEG:2 * SEG - 1])
+        with trio.fail_after(20), pytest.raises(ReplicateError, match="not 65536 bytes"):
+            await ex.handle_replicate_piece_task(task)
+        assert ex.ctx.limiter.used("executor").memory == 0
