@@ -86,6 +86,9 @@ class P2PSection:
                                         lo=0.01, hi=60)
     max_concurrent_pings: int = _f(4, "Pings in flight at once (smooths bursts).",
                                    lo=1, hi=10_000)
+    exchange_sample: int = _f(4, "Peers listed in a pong to an already trusted peer (a "
+                                 "new or returning one gets every trusted peer, up to 64).",
+                              lo=0, hi=64)
     max_ping_frame: ByteSize = _f(ByteSize(64 * KiB), "Largest ping/pong frame.",
                                   lo=1 * KiB, hi=16 * MiB)
     max_approval_frame: ByteSize = _f(ByteSize(256 * KiB), "Largest approval frame.",

@@ -3,7 +3,8 @@
 Every ``ping_interval`` each known peer is pinged and the pong read on the same stream. A
 ping or pong counts only if its signer is the registry's operator for that peer id, the peer id
 is the Noise-authenticated remote, its timestamp is within ``max_clock_skew`` and its nonce is
-new. Peers named in a pong are candidates (checked against the registry, then pinged at once);
+new. Peers named in a pong are candidates (checked against the registry, then pinged at once
+by the side with the smaller peer id, by the other a quarter period later unless pinged first);
 a peer that misses ``evict_after`` pongs in a row is evicted and re-probed every
 ``evict_after`` rounds, trusted again as soon as it answers (or pings us).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -70,22 +72,36 @@ class Discovery:
             sp = await self._registered(ping.operator, ping.peer_id, "ping")
             verify(ping, sp.operator_key)
             self.guard.check(ping.operator, ping.nonce, ping.ts, "ping")
-            await stream.write_frame(encode(self._pong(ping)), last=True)
+            known = self.table.get(ping.peer_id)
+            full = known is None or known.state != TRUSTED
+            await stream.write_frame(encode(self._pong(ping, full=full)), last=True)
             await stream.close()
         await self.table.mark_alive(ping.peer_id, ping.operator, ping.addrs, pinged_us=True)
 
-    def _pong(self, ping: Ping) -> Pong:
+    def _pong(self, ping: Ping, *, full: bool = True) -> Pong:
         pong = Pong(operator=self.operator, peer_id=self.host.peer_id,
                     addrs=tuple(self.host.listen_addrs[:MAX_ADDRS]), ts=self.guard.now_ms(),
                     nonce=new_nonce(), ping_nonce=ping.nonce,
-                    peers=self.exchange(exclude=ping.peer_id))
+                    peers=self.exchange(exclude=ping.peer_id,
+                                        limit=MAX_PEERS if full else self.cfg.exchange_sample))
         return dataclasses.replace(pong, sig=self.signer.sign_p2p_pong_msg(pong))
 
-    def exchange(self, *, exclude: str = "") -> tuple[PeerInfo, ...]:
-        """Up to 64 trusted peers for peer exchange (most recently seen first)."""
-        peers = sorted(self.table.trusted(), key=lambda p: -p.last_seen)
+    def exchange(self, *, exclude: str = "", limit: int = MAX_PEERS) -> tuple[PeerInfo, ...]:
+        """Trusted peers for peer exchange: up to 64 (most recently seen first), or a random
+        ``limit`` of them.
+
+        A pinger new to us (or back from eviction) gets the full list, which is how a node
+        learns the network; one we already trust has met everyone we know the same way, and
+        a newcomer announces itself by pinging, so it only gets a small sample that keeps
+        gossip going (the list is ~60% of the cost of a pong of 31 peers).
+        """
+        peers = [p for p in self.table.trusted() if p.peer_id != exclude and p.operator]
+        if limit >= min(len(peers), MAX_PEERS):
+            peers.sort(key=lambda p: -p.last_seen)
+        else:
+            peers = random.sample(peers, limit)
         return tuple(PeerInfo(p.peer_id, p.operator, p.addrs[:MAX_ADDRS])
-                     for p in peers if p.peer_id != exclude and p.operator)[:MAX_PEERS]
+                     for p in peers[:MAX_PEERS])
 
     async def _registered(self, operator: str, peer_id: str, what: str) -> SPInfo:
         sp = await self.registry.sp_by_operator(operator)
@@ -160,8 +176,20 @@ class Discovery:
             return
         if await self.table.put(PeerRecord(peer.peer_id, peer.operator,
                                            peer.addrs or sp.p2p_addrs, CANDIDATE)):
+            # First contact from one side (the smaller peer id) at once, from the other a
+            # quarter period later unless it was pinged meanwhile: two nodes learning each
+            # other together do not both dial, and a link never waits for a whole round.
             if self._nursery is not None:
-                self._nursery.start_soon(self.ping_peer, peer.peer_id)
+                delay = 0.0 if self.host.peer_id < peer.peer_id else self.cfg.ping_interval / 4
+                self._nursery.start_soon(self._first_contact, peer.peer_id, delay)
+
+    async def _first_contact(self, peer_id: str, delay: float) -> None:
+        if delay > 0:
+            await trio.sleep(delay)
+            rec = self.table.get(peer_id)
+            if rec is None or rec.state != CANDIDATE:
+                return  # it pinged us meanwhile (trusted now), or it was dropped
+        await self.ping_peer(peer_id)
 
     # --- the loop -----------------------------------------------------------------------
 

@@ -567,6 +567,7 @@ class P2PHost:
         self._connect_timeout = connect_timeout
         self._handlers: dict[str, Handler] = dict(handlers)
         self._ids: dict[str, ID] = {}  # parsed peer ids (base58 decoding costs ~50 us)
+        self._listen_addrs: list[str] = []
         self.peer_id: str = host.get_id().to_base58()
         self._handler_scopes: set[trio.CancelScope] = set()
         self._closing = False
@@ -576,8 +577,14 @@ class P2PHost:
 
     @property
     def listen_addrs(self) -> list[str]:
-        """Full multiaddrs we listen on (real bound ports), each ending in ``/p2p/<id>``."""
-        return [f"{addr}/p2p/{self.peer_id}" for addr in self._host.get_transport_addrs()]
+        """Full multiaddrs we listen on (real bound ports), each ending in ``/p2p/<id>``.
+
+        Fixed once listening (every ping and pong carries them; rebuilding them cost ~0.1 ms).
+        """
+        if not self._listen_addrs:
+            self._listen_addrs = [f"{addr}/p2p/{self.peer_id}"
+                                  for addr in self._host.get_transport_addrs()]
+        return list(self._listen_addrs)
 
     # connections
 

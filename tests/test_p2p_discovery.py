@@ -20,3 +20,43 @@ async def test_eight_nodes_converge_from_one_bootstrap_peer(tmp_path):
                                          for n in nodes))
         print(f"converged in {trio.current_time() - t0:.2f}s")
         nursery.cancel_scope.cancel()
+
+
+async def _pong_from(asker, target_id: str):
+    """A signed Ping from ``asker`` to ``target_id`` on the wire; the decoded Pong."""
+    import dataclasses
+
+    from p2p.messages import PING_PROTOCOL, Ping, Pong, decode, encode, new_nonce
+
+    disc, host = asker.p2p.discovery, asker.p2p.host
+    ping = Ping(operator=disc.operator, peer_id=host.peer_id, addrs=tuple(host.listen_addrs),
+                ts=disc.guard.now_ms(), nonce=new_nonce())
+    ping = dataclasses.replace(ping, sig=disc.signer.sign_p2p_ping_msg(ping))
+    rec = disc.table.get(target_id)
+    data = await host.request(target_id, rec.addrs, PING_PROTOCOL, encode(ping),
+                              max_response=disc.cfg.max_ping_frame, timeout=5.0)
+    return decode(data, Pong)
+
+
+async def test_full_peer_list_only_for_a_pinger_new_to_the_answerer(tmp_path):
+    slow = 2.0  # background pings seldom race the table edit below (and it is retried)
+    sps = make_sps(tmp_path, 6, p2p={"ping_interval": slow, "exchange_sample": 2})
+    everyone = {sp.peer_id for sp in sps}
+    async with trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, sps)
+        with trio.fail_after(3 * slow + 5.0):
+            await wait_until(lambda: all(n.trusted() == everyone - {n.sp.peer_id}
+                                         for n in nodes))
+            asker, answerer = nodes[0], nodes[1]
+            pong = await _pong_from(asker, answerer.sp.peer_id)  # trusted: a sample
+            assert len(pong.peers) == 2
+            assert {p.peer_id for p in pong.peers} <= everyone - {asker.sp.peer_id}
+            others = everyone - {asker.sp.peer_id, answerer.sp.peer_id}
+            for _ in range(3):  # unless a background ping re-trusted it in between
+                await answerer.p2p.table.remove(asker.sp.peer_id)  # a stranger to it now
+                pong = await _pong_from(asker, answerer.sp.peer_id)
+                if len(pong.peers) == len(others):
+                    break
+            assert {p.peer_id for p in pong.peers} == others
+            assert answerer.p2p.table.get(asker.sp.peer_id).state == "trusted"  # and learned
+        nursery.cancel_scope.cancel()
