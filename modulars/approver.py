@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from node import chain_msgs
-from node.capacity import receive_capacity
+from node.capacity import ReceiveCapacity
 from node.chain import ChainClient, ChainUnavailable
 from node.errors import ConfigError, ServiceError, ServiceUnavailable
 from node.modular import ModularBase, NodeContext
@@ -53,6 +53,7 @@ class Approver(ModularBase):
         self._pending_buckets: dict[str, tuple[str, int]] = {}  # bucket -> (account, expiry)
         self._in_flight: dict[str, Task] = {}
         self.stats: Counter[str] = Counter()
+        self.capacity = ReceiveCapacity(ctx.config, ctx.limiter)
 
     @property
     def chain(self) -> ChainClient:
@@ -155,8 +156,8 @@ class Approver(ModularBase):
         self._in_flight[task.key + f"-asker:{task.user_address}"] = task
 
     async def handle_replicate_piece_approval(self, task: ReplicatePieceApprovalTask) -> bool:
-        approved, reason = receive_capacity(
-            self.ctx.config, self.ctx.limiter, size=task.object.size,
+        approved, reason = self.capacity.check(
+            size=task.object.size,
             segment_size=task.params.segment_size, data_shards=task.params.data_shards)
         if not approved:
             task.set_error(reason)

@@ -310,6 +310,9 @@ class _GfspYamuxStream(YamuxStream):
             self.recv_window += delta
         await self.send_window_update(delta)
 
+    def _log_perf_yamux_summary(self) -> None:
+        """Nothing: py-libp2p reads ``PY_YAMUX_DEBUG`` from the environment on every close."""
+
     def fits_one_frame(self, n: int) -> bool:
         """True when n bytes (n > 0) go out as one data frame right now."""
         return 0 < n <= min(self.send_window, _YAMUX_MAX_PAYLOAD)

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from node.capacity import receive_capacity
+from node.capacity import ReceiveCapacity
 from node.errors import ConfigError, GfspError
 from node.modular import ModularBase, NodeContext
 from node.spregistry import SPRegistry
@@ -41,6 +41,7 @@ class P2PModular(ModularBase):
         self.table: PeerTable | None = None
         self.discovery: Discovery | None = None
         self.approvals: ApprovalService | None = None
+        self.capacity = ReceiveCapacity(ctx.config, ctx.limiter)
 
     @property
     def registry(self) -> SPRegistry:
@@ -161,6 +162,5 @@ class P2PModular(ModularBase):
 
     def default_policy(self, req: ApprovalRequest) -> tuple[bool, str]:
         """Approve while the limiter and free disk allow receiving this object's pieces."""
-        return receive_capacity(self.ctx.config, self.ctx.limiter, size=req.object.size,
-                                segment_size=req.params.segment_size,
-                                data_shards=req.params.data_shards)
+        return self.capacity.check(size=req.object.size, segment_size=req.params.segment_size,
+                                   data_shards=req.params.data_shards)
