@@ -9,30 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 from modulars.authorizer import AuthOpType, Authorizer
-from modulars.signer import Signer
 from node import chain_msgs as msgs
-from node.app import build_limiter
 from node.chain import DevChainClient
 from node.config import AuthorizerSection, Config, Seconds
 from node.crypto import PrivateKey
-from node.db import open_spdb
 from node.errors import ServiceError, ServiceUnavailable
 from node.modular import Modulars, NodeContext
 from node.tasks import StorageParams
 from testnet.devchain import DevChain
 from testnet.devchain.testing import Account, TestSP, seal_tx
+from tests.chainworld import ChainWorld, chain_world, session_template
 
 PARAMS = StorageParams(segment_size=1024, data_shards=2, parity_shards=1, max_payload=1 << 20)
 BLOCK = 0.05
@@ -117,51 +113,17 @@ async def _build_template(directory: Path) -> Template:
 
 @pytest.fixture(scope="session")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
-    directory = tmp_path_factory.mktemp("authorizer-template") / "chain"
-
-    async def build() -> Template:
-        with trio.fail_after(TIMEOUT):
-            return await _build_template(directory)
-
-    return trio.run(build)
-
-
-class CountingChain:
-    """A thin wrapper around a chain client that counts the calls of each method."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.calls: Counter[str] = Counter()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if not callable(attr):
-            return attr
-
-        async def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls[name] += 1
-            return await attr(*args, **kwargs)
-
-        return counted
+    return session_template(tmp_path_factory, "authorizer-template", TIMEOUT, _build_template)
 
 
 @dataclass
-class World:
+class World(ChainWorld):
     tpl: Template
-    devchain: DevChain
-    chain_stopped: trio.Event
-    client: DevChainClient
-    chain: CountingChain
-    ctx: NodeContext
     auth: Authorizer
 
     def set_ttl(self, ttl: float) -> None:
         self.ctx.config = dataclasses.replace(
             self.ctx.config, authorizer=AuthorizerSection(cache_ttl=Seconds(ttl)))
-
-    async def stop_chain(self) -> None:
-        self.devchain.shutdown()
-        await self.chain_stopped.wait()
 
     async def verify(self, op: AuthOpType, who: str, bucket: str, obj: str = "") -> bool:
         return await self.auth.verify_authorize(op, self.account(who), bucket, obj)
@@ -169,14 +131,6 @@ class World:
     def account(self, who: str) -> str:
         return {"user": self.tpl.user.address, "stranger": self.tpl.stranger.address,
                 "anonymous": ""}[who]
-
-
-async def _run_chain(chain: DevChain, stopped: trio.Event, *,
-                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    try:
-        await chain.serve(task_status=task_status)
-    finally:
-        stopped.set()
 
 
 async def start_authorizer(ctx: NodeContext, nursery: trio.Nursery) -> Authorizer:
@@ -189,21 +143,10 @@ async def start_authorizer(ctx: NodeContext, nursery: trio.Nursery) -> Authorize
 @pytest.fixture
 async def world(template: Template, tmp_path: Path, nursery: trio.Nursery
                 ) -> AsyncIterator[World]:
-    with trio.fail_after(TIMEOUT):
-        directory = tmp_path / "chain"
-        shutil.copytree(template.directory, directory)
-        devchain = DevChain(directory, block_interval=BLOCK)
-        stopped = trio.Event()
-        endpoint = await nursery.start(_run_chain, devchain, stopped)
-    config = Config()
-    async with (open_spdb(tmp_path / "spdb.sqlite3") as db,
-                DevChainClient(endpoint, request_timeout=5) as client):
-        chain = CountingChain(client)
-        ctx = NodeContext(config=config, limiter=build_limiter(config), db=db,
-                          keys=template.us.keys, chain=chain, modulars=Modulars())
-        ctx.modulars.mark_running(Signer(ctx))
-        auth = await start_authorizer(ctx, nursery)
-        yield World(template, devchain, stopped, client, chain, ctx, auth)
+    async with chain_world(template.directory, tmp_path, nursery, keys=template.us.keys,
+                           config=Config(), block_interval=BLOCK, timeout=TIMEOUT) as cw:
+        auth = await start_authorizer(cw.ctx, nursery)
+        yield World(cw.devchain, cw.chain_stopped, cw.client, cw.chain, cw.ctx, template, auth)
 
 
 # --- the op x situation table --------------------------------------------------------------

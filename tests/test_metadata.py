@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
 import sqlite3
 import time
 from collections import Counter
@@ -22,18 +21,15 @@ import trio
 
 import modulars.metadata as metadata_module
 from modulars.metadata import Metadata, ReadRecord
-from modulars.signer import Signer
 from node import chain_msgs as msgs
-from node.app import build_limiter
 from node.chain import DevChainClient
 from node.config import Config, MetadataSection
 from node.crypto import PrivateKey
-from node.db import open_spdb
 from node.errors import ServiceError, ServiceUnavailable
-from node.modular import Modulars, NodeContext
 from node.tasks import StorageParams
 from testnet.devchain import DevChain
 from testnet.devchain.testing import Account, TestSP, seal_tx
+from tests.chainworld import ChainWorld, chain_world, session_template
 
 PARAMS = StorageParams(segment_size=1024, data_shards=2, parity_shards=1, max_payload=1 << 20)
 BLOCK = 0.05
@@ -96,76 +92,25 @@ async def _build_template(directory: Path) -> Template:
 
 @pytest.fixture(scope="session")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
-    directory = tmp_path_factory.mktemp("metadata-template") / "chain"
-
-    async def build() -> Template:
-        with trio.fail_after(TIMEOUT):
-            return await _build_template(directory)
-
-    return trio.run(build)
-
-
-class CountingChain:
-    """A thin wrapper around a chain client that counts the calls of each method."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.calls: Counter[str] = Counter()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if not callable(attr):
-            return attr
-
-        async def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls[name] += 1
-            return await attr(*args, **kwargs)
-
-        return counted
+    return session_template(tmp_path_factory, "metadata-template", TIMEOUT, _build_template)
 
 
 @dataclass
-class World:
+class World(ChainWorld):
     tpl: Template
-    devchain: DevChain
-    chain_stopped: trio.Event
-    chain: CountingChain
-    ctx: NodeContext
     meta: Metadata
-
-    async def stop_chain(self) -> None:
-        self.devchain.shutdown()
-        await self.chain_stopped.wait()
-
-
-async def _run_chain(chain: DevChain, stopped: trio.Event, *,
-                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    try:
-        await chain.serve(task_status=task_status)
-    finally:
-        stopped.set()
 
 
 @pytest.fixture
 async def world(template: Template, tmp_path: Path, nursery: trio.Nursery
                 ) -> AsyncIterator[World]:
-    with trio.fail_after(TIMEOUT):
-        directory = tmp_path / "chain"
-        shutil.copytree(template.directory, directory)
-        devchain = DevChain(directory, block_interval=BLOCK)
-        stopped = trio.Event()
-        endpoint = await nursery.start(_run_chain, devchain, stopped)
     config = dataclasses.replace(Config(), metadata=MetadataSection(max_page=MAX_PAGE))
-    async with (open_spdb(tmp_path / "spdb.sqlite3") as db,
-                DevChainClient(endpoint, request_timeout=5) as client):
-        chain = CountingChain(client)
-        ctx = NodeContext(config=config, limiter=build_limiter(config), db=db,
-                          keys=template.sps[0].keys, chain=chain, modulars=Modulars())
-        ctx.modulars.mark_running(Signer(ctx))
-        meta = Metadata(ctx)
+    async with chain_world(template.directory, tmp_path, nursery, keys=template.sps[0].keys,
+                           config=config, block_interval=BLOCK, timeout=TIMEOUT) as cw:
+        meta = Metadata(cw.ctx)
         await nursery.start(meta.serve)
-        ctx.modulars.mark_running(meta)
-        yield World(template, devchain, stopped, chain, ctx, meta)
+        cw.ctx.modulars.mark_running(meta)
+        yield World(cw.devchain, cw.chain_stopped, cw.client, cw.chain, cw.ctx, template, meta)
 
 
 async def walk(meta: Metadata, bucket: str, **kwargs: Any) -> list[list[str]]:
