@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import trio
 from node.crypto import PrivateKey, read_key_file, write_key_file
 from node.ec import object_checksums
 from node.tasks import StorageParams
-from testnet.cli import alive, read_pid
+from testnet.cli import alive
 from testnet.client_cli import (
     EXIT_FAILED,
     EXIT_OK,
@@ -41,10 +40,10 @@ from testnet.client_cli import (
 )
 from testnet.devchain import DevChain
 from testnet.manifest import load_manifest
+from tests.testnetproc import last_resort, recorded_pids, run_testnet
 
 BIN = Path(sys.executable).parent
 GFSP = BIN / "gfsp"
-GFSP_TESTNET = BIN / "gfsp-testnet"
 #: Bounds that catch hangs, not performance targets.
 UP_BOUND = 60.0
 OP_BOUND = 120.0
@@ -268,30 +267,6 @@ async def test_unknown_bucket_and_no_sp_on_a_devchain(tmp_path: Path,
 # --- a 4-node testnet as subprocesses -----------------------------------------------------------
 
 
-async def run_testnet(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    result = await trio.run_process([str(GFSP_TESTNET), *args], capture_stdout=True,
-                                    capture_stderr=True, check=False,
-                                    stdin=subprocess.DEVNULL)
-    if check:
-        assert result.returncode == 0, (args, result.stdout.decode(), result.stderr.decode())
-    return result
-
-
-def recorded_pids(root: Path) -> list[int]:
-    run = root / "run"
-    return [pid for f in sorted(run.glob("*.pid")) if (pid := read_pid(f))] if run.exists() \
-        else []
-
-
-async def last_resort(root: Path, pids: set[int]) -> None:
-    """``down``, then SIGKILL every pid the testnet ever recorded that is still alive."""
-    with trio.move_on_after(30) as scope:
-        scope.shield = True
-        if (root / "testnet.toml").exists():
-            await run_testnet("down", "--dir", str(root), "--grace", "3", check=False)
-    for pid in pids | set(recorded_pids(root)):
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

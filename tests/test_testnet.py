@@ -9,10 +9,8 @@ is still recorded, and is bounded by ``trio.fail_after``.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -22,14 +20,14 @@ import trio
 from node.config import load_config
 from node.crypto import PrivateKey
 from p2p.host import peer_id_from_public_key
-from testnet.cli import alive, init_testnet, read_pid
+from testnet.cli import alive, init_testnet
 from testnet.manifest import (
     ManifestError,
     default_storage_params,
     load_manifest,
 )
+from tests.testnetproc import GFSP_TESTNET, last_resort, recorded_pids, run_testnet
 
-GFSP_TESTNET = Path(sys.executable).parent / "gfsp-testnet"
 #: Bounds that catch hangs (a 4-node testnet is up in ~3 s here), not performance targets.
 UP_BOUND = 60.0
 
@@ -89,30 +87,6 @@ def test_init_options(tmp_path: Path) -> None:
 # --- subprocesses -------------------------------------------------------------------------------
 
 
-async def run_testnet(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    result = await trio.run_process([str(GFSP_TESTNET), *args], capture_stdout=True,
-                                    capture_stderr=True, check=False,
-                                    stdin=subprocess.DEVNULL)
-    if check:
-        assert result.returncode == 0, (args, result.stdout.decode(), result.stderr.decode())
-    return result
-
-
-def recorded_pids(root: Path) -> list[int]:
-    run = root / "run"
-    return [pid for f in sorted(run.glob("*.pid")) if (pid := read_pid(f))] if run.exists() \
-        else []
-
-
-async def last_resort(root: Path, pids: set[int]) -> None:
-    """``down``, then SIGKILL every pid the testnet ever recorded that is still alive."""
-    with trio.move_on_after(30) as scope:
-        scope.shield = True
-        if (root / "testnet.toml").exists():
-            await run_testnet("down", "--dir", str(root), "--grace", "3", check=False)
-    for pid in pids | set(recorded_pids(root)):
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 async def status(root: Path) -> dict:
