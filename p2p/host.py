@@ -92,6 +92,8 @@ _YAMUX_WINDOW_UPDATE = 0x1
 _YAMUX_SYN = 0x1
 _YAMUX_FIN = 0x4
 _YAMUX_MAX_PAYLOAD = 64 * 1024 - 12  # py-libp2p's MAX_MESSAGE_SIZE minus the header
+#: Swarm notifications not sent (see _skip_stream_notifications)
+_STREAM_EVENTS = frozenset({"opened_stream", "closed_stream"})
 #: Parsed peer ids a host remembers (more than any network of SPs we serve).
 _MAX_IDS = 4096
 #: Stream I/O errors other than libp2p's own that a dead connection can surface.
@@ -865,6 +867,22 @@ class _Libp2pRootFilter(logging.Filter):
         return record.levelno >= logging.ERROR or "/libp2p/" not in path
 
 
+def _skip_stream_notifications(network: Any) -> None:
+    """Stop the swarm announcing every stream opened and closed to its notifees.
+
+    Each announcement is a nursery and a task per notifee (4 per request, 2 notifees); py-
+    libp2p's notifees (the tag store, identify) do nothing with stream events and we register
+    none. Connection events still go out.
+    """
+    notify = network._notify
+
+    async def _notify(method: str, *args: Any) -> None:
+        if method not in _STREAM_EVENTS:
+            await notify(method, *args)
+
+    network._notify = _notify
+
+
 def _no_identify(peer_id: Any, *, reason: str) -> None:
     """Stands in for ``BasicHost._schedule_identify`` on our hosts: identify is not run."""
 
@@ -906,6 +924,7 @@ async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
     # nursery; a signed peer record each way): ~10 ms of CPU per connection, of no use to us
     # (the SP registry is our source of addresses and keys). We still answer a peer's identify.
     host._schedule_identify = _no_identify
+    _skip_stream_notifications(host.get_network())
     p2p = P2PHost(host, connect_timeout=connect_timeout, handlers=handlers)
     host.get_network().set_stream_handler(p2p._inbound)
 
