@@ -86,6 +86,8 @@ class P2PSection:
                                         lo=0.01, hi=60)
     max_concurrent_pings: int = _f(4, "Pings in flight at once (smooths bursts).",
                                    lo=1, hi=10_000)
+    max_inbound_streams: int = _f(1024, "Inbound streams negotiated or served at once; more "
+                                        "are reset at once.", lo=1, hi=1_000_000)
     exchange_sample: int = _f(4, "Peers listed in a pong to an already trusted peer (a "
                                  "new or returning one gets every trusted peer, up to 64).",
                               lo=0, hi=64)

@@ -94,6 +94,8 @@ _YAMUX_FIN = 0x4
 _YAMUX_MAX_PAYLOAD = 64 * 1024 - 12  # py-libp2p's MAX_MESSAGE_SIZE minus the header
 #: Swarm notifications not sent (see _skip_stream_notifications)
 _STREAM_EVENTS = frozenset({"opened_stream", "closed_stream"})
+#: Inbound streams a host negotiates or serves at once before it resets new ones
+DEFAULT_MAX_INBOUND_STREAMS = 1024
 #: Parsed peer ids a host remembers (more than any network of SPs we serve).
 _MAX_IDS = 4096
 #: Stream I/O errors other than libp2p's own that a dead connection can surface.
@@ -408,16 +410,29 @@ class Stream:
         self.refused = False
 
     @classmethod
-    def _from_raw(cls, raw: Any, protocol: str) -> Stream:
-        """Wrap a libp2p net stream, extracting the authenticated remote's identity."""
+    def _from_raw(cls, raw: Any, protocol: str,
+                  remotes: dict[Any, tuple[str, bytes]] | None = None) -> Stream:
+        """Wrap a libp2p net stream, extracting the authenticated remote's identity.
+
+        ``remotes`` remembers identities already extracted (py-libp2p re-parses the base58
+        id to get at the key: ~50 us a stream).
+        """
         try:
             pid: ID = raw.muxed_conn.peer_id
+            known = remotes.get(pid) if remotes is not None else None
+            if known is not None:
+                return cls(raw, known[0], known[1], protocol)
             key = pid.extract_public_key()
         except (AttributeError, ValueError, TypeError, BaseLibp2pError) as exc:
             raise ProtocolError(f"cannot identify the remote of a stream: {exc}") from exc
         if not isinstance(key, Ed25519PublicKey):
             raise ProtocolError(f"remote peer {pid} does not use an ed25519 key")
-        return cls(raw, pid.to_base58(), key.to_bytes(), protocol)
+        identity = (pid.to_base58(), key.to_bytes())
+        if remotes is not None:
+            if len(remotes) >= _MAX_IDS:
+                remotes.clear()
+            remotes[pid] = identity
+        return cls(raw, *identity, protocol)
 
     def __repr__(self) -> str:
         return f"Stream(remote={self.remote_peer_id}, protocol={self.protocol!r})"
@@ -567,10 +582,14 @@ class P2PHost:
     """A running libp2p host (use :func:`open_host`)."""
 
     def __init__(self, host: Any, *, connect_timeout: float,
-                 handlers: Mapping[str, Handler]) -> None:
+                 handlers: Mapping[str, Handler],
+                 max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS) -> None:
         self._host = host
         self._connect_timeout = connect_timeout
         self._handlers: dict[str, Handler] = dict(handlers)
+        self._max_inbound = max_inbound_streams
+        self.inbound_streams = 0  # being negotiated or served now
+        self._remotes: dict[Any, tuple[str, bytes]] = {}  # libp2p ID -> (base58, public key)
         self._ids: dict[str, ID] = {}  # parsed peer ids (base58 decoding costs ~50 us)
         self._listen_addrs: list[str] = []
         self.peer_id: str = host.get_id().to_base58()
@@ -678,7 +697,7 @@ class P2PHost:
             raise PeerUnreachable(
                 f"cannot open a stream to {peer_id}: {exc!r}") from exc
         try:
-            stream = Stream._from_raw(raw, protocol)
+            stream = Stream._from_raw(raw, protocol, self._remotes)
         except ProtocolError:
             await _quietly("stream reset", raw.reset)
             raise
@@ -756,19 +775,24 @@ class P2PHost:
         p2p/multistream.py). Nothing raised here reaches libp2p (pitfall 2): a failure resets
         only this stream.
         """
-        if self._closing:
+        if self._closing or self.inbound_streams >= self._max_inbound:
+            if not self._closing:
+                log.debug("p2p: %d inbound streams already: one more reset",
+                          self.inbound_streams)
             await _quietly("stream reset", raw.reset)
             return
+        self.inbound_streams += 1
         with trio.CancelScope() as scope:
             self._handler_scopes.add(scope)
             try:
                 await self._serve(raw)
             finally:
                 self._handler_scopes.discard(scope)
+                self.inbound_streams -= 1
 
     async def _serve(self, raw: Any) -> None:
         try:
-            stream = Stream._from_raw(raw, "")
+            stream = Stream._from_raw(raw, "", self._remotes)
         except ProtocolError as exc:
             log.info("p2p: refused an inbound stream: %s", exc)
             await _quietly("stream reset", raw.reset)
@@ -894,7 +918,9 @@ def _key_pair(key: PrivateKey) -> KeyPair:
 
 @asynccontextmanager
 async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
-                    handlers: Mapping[str, Handler]) -> AsyncIterator[P2PHost]:
+                    handlers: Mapping[str, Handler],
+                    max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS
+                    ) -> AsyncIterator[P2PHost]:
     """Run a libp2p host with ``key`` as identity, listening on ``listen``; yield it.
 
     Noise only, Yamux only, one connection per peer. Each ``handlers`` entry maps a protocol
@@ -905,6 +931,8 @@ async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
     """
     if not (connect_timeout > 0 and math.isfinite(connect_timeout)):
         raise ValueError("connect_timeout must be a positive number of seconds")
+    if max_inbound_streams < 1:
+        raise ValueError("max_inbound_streams must be >= 1")
     _quiet_libp2p_logs()
     _GfspYamux.install()
     listen_maddr = _parse_multiaddr(listen)
@@ -925,7 +953,11 @@ async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
     # (the SP registry is our source of addresses and keys). We still answer a peer's identify.
     host._schedule_identify = _no_identify
     _skip_stream_notifications(host.get_network())
-    p2p = P2PHost(host, connect_timeout=connect_timeout, handlers=handlers)
+    # py-libp2p's own resource manager (made by default: a lock, a base58 parse and metrics
+    # per stream) is replaced by the node's limiter in the handlers and max_inbound_streams
+    host.get_network().set_resource_manager(None)
+    p2p = P2PHost(host, connect_timeout=connect_timeout, handlers=handlers,
+                  max_inbound_streams=max_inbound_streams)
     host.get_network().set_stream_handler(p2p._inbound)
 
     started = False

@@ -76,7 +76,8 @@ class P2PModular(ModularBase):
                           handlers: dict[str, Callable[[Stream], Awaitable[None]]],
                           task_status: trio.TaskStatus[None]) -> None:
         async with open_host(self.ctx.keys.p2p, self.cfg.listen,
-                             connect_timeout=self.cfg.connect_timeout, handlers=handlers) as host:
+                             connect_timeout=self.cfg.connect_timeout, handlers=handlers,
+                             max_inbound_streams=self.cfg.max_inbound_streams) as host:
             self.host = host
             self.table = PeerTable(self.ctx.db, self_peer_id=host.peer_id,
                                    max_peers=self.cfg.max_peers)

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from node.crypto import PrivateKey
 from node.errors import GfspError
@@ -445,3 +446,34 @@ async def test_last_write_closes_our_side(size: int) -> None:
             again = await client.request(server.peer_id, server.listen_addrs, ECHO, b"again",
                                          max_response=len(body), timeout=5.0)
             assert again == body
+
+
+async def test_inbound_streams_over_the_cap_are_reset() -> None:
+    release = trio.Event()
+
+    async def hold(stream: Stream) -> None:
+        await stream.read_frame(MAX)
+        await release.wait()
+        await stream.write_frame(b"done", last=True)
+
+    with trio.fail_after(DEADLINE):
+        async with (
+            open_host(PrivateKey(SEED_A), LISTEN, connect_timeout=5.0, handlers={ECHO: hold},
+                      max_inbound_streams=2) as server,
+            open_host(PrivateKey(SEED_B), LISTEN, connect_timeout=5.0, handlers={}) as client,
+        ):
+            await client.connect(server.peer_id, server.listen_addrs)
+            held = [await client.open_stream(server.peer_id, ECHO) for _ in range(2)]
+            for stream in held:
+                await stream.write_frame(b"hold")
+            with pytest.raises((StreamClosed, ProtocolError)):
+                await client.open_stream(server.peer_id, ECHO)  # the third: reset
+            assert server.inbound_streams == 2
+            release.set()
+            for stream in held:
+                assert await stream.read_frame(MAX) == b"done"
+                await stream.close()
+            await trio.testing.wait_all_tasks_blocked(0.01)  # the handlers have returned
+            assert server.inbound_streams == 0
+            assert await client.request(server.peer_id, server.listen_addrs, ECHO, b"x",
+                                        max_response=MAX, timeout=5.0) == b"done"
