@@ -46,6 +46,7 @@ import signal
 import socket
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -402,6 +403,26 @@ class Bench:
         self.discard = discard.info["ADDR"].rstrip("/")
         self.store = cluster.sps[0].config().piecestore_path
         self.seq = 0
+        #: ``--py-spy``: (py-spy binary, output folder); the next upload is profiled.
+        self.pyspy: tuple[str, Path] | None = None
+
+    def _spy(self, pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+        if self.pyspy is None:
+            return None
+        return subprocess.Popen([self.pyspy[0], "record", "-p", str(pid), "-d", "600", "-r",
+                                 "200", "-f", "raw", "-o", str(out), "--nonblocking"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    async def _unspy(proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+        with trio.move_on_after(30.0):
+            while proc.poll() is None:  # noqa: ASYNC110 - a child process
+                await trio.sleep(0.1)
+        if proc.poll() is None:
+            proc.kill()
 
     def _cpu(self) -> dict[str, float]:
         out = {k: sum(proc_cpu(p) for p in pids) for k, pids in self.cluster.pids().items()}
@@ -443,12 +464,18 @@ class Bench:
         await trio.sleep(0.5)  # let the create settle (approval, chain) before the baseline
         rss0 = proc_status_kib(pid, "VmRSS")
         reset = reset_hwm(pid)
+        spy = self.pyspy
+        put_spy = self._spy(pid, spy[1] / "primary-put.txt") if spy else None
         cpu0 = self._cpu()
         t0 = time.perf_counter()
         answer = await self.client.put_object(BUCKET, name, path)
         t1 = time.perf_counter()
         hwm_put = proc_status_kib(pid, "VmHWM")
         cpu1 = self._cpu()
+        await self._unspy(put_spy)
+        seal_spies = [self._spy(self.cluster.primary_pid, spy[1] / "primary-seal.txt"),
+                      self._spy(self.cluster.nodes[1].proc.pid, spy[1] / "secondary-seal.txt")
+                      ] if spy else []
         if answer.get("size") != size:
             raise RuntimeError(f"PUT answered {answer!r}")
         with trio.fail_after(max(120.0, size / MiB)):
@@ -461,15 +488,21 @@ class Bench:
         t2 = time.perf_counter()
         hwm_sealed = proc_status_kib(pid, "VmHWM")
         cpu2 = self._cpu()
+        for p in seal_spies:
+            await self._unspy(p)
+        self.pyspy = None
         return name, Upload(size, t1 - t0, t2 - t1, rss0, hwm_put, hwm_sealed, reset,
                             self._diff(cpu0, cpu1), self._diff(cpu1, cpu2), created.id)
 
-    async def get(self, name: str, size: int, digest: bytes) -> float:
+    async def get(self, name: str, size: int, digest: bytes, spy_as: str = "") -> float:
         chunks: list[bytes] = []
+        spy = self._spy(self.cluster.primary_pid, self.pyspy[1] / spy_as) \
+            if self.pyspy and spy_as else None
         t0 = time.perf_counter()
         async for chunk in self.client.get_object(BUCKET, name):
             chunks.append(chunk)
         dt = time.perf_counter() - t0
+        await self._unspy(spy)
         h = hashlib.sha256()
         for c in chunks:
             h.update(c)
@@ -500,6 +533,8 @@ class Sizes:
     codec_reps: int
     warmup: int = 24 * MiB
     disk_segments: int = 8
+    #: ``--py-spy``: (py-spy binary, output folder) to profile rep 1 with.
+    pyspy: tuple[str, Path] | None = None
 
 
 @dataclass
@@ -603,15 +638,21 @@ async def run_all(sizes: Sizes, root: Path, res: Results) -> None:
                 progress(f"{sizes.small // MiB} MiB, rep {rep + 1}/{sizes.reps} ...")
                 ceil_put.append(await bench.put_discard(small_path, sizes.small))
                 discard_cpu.append(bench.discard_cpu[-1])
+                if rep == 0 and sizes.pyspy is not None:
+                    bench.pyspy = sizes.pyspy
                 name, up = await bench.upload(small_path, sizes.small)
                 ups.append(up)
                 ceil_get.append(await bench.get_source(sizes.small))
-                gets.append(await bench.get(name, sizes.small, small_sum))
+                if rep == 0 and sizes.pyspy is not None:
+                    bench.pyspy = sizes.pyspy
+                gets.append(await bench.get(name, sizes.small, small_sum, "primary-get.txt"))
                 segs = bench.segment_files(up.object_id)
                 count = len(segs)
                 for p in segs:
                     p.unlink()
-                degraded.append(await bench.get(name, sizes.small, small_sum))
+                degraded.append(await bench.get(name, sizes.small, small_sum,
+                                                "primary-degraded.txt"))
+                bench.pyspy = None
                 if not await bench.wait_repaired(up.object_id, count, 60.0):
                     res.notes.append(f"rep {rep + 1}: the primary's segments were not all "
                                      "repaired within 60 s of the degraded GET")
@@ -730,6 +771,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-mib", type=int,
                         help="object size of the second RSS row (default 1024; --quick 64)")
     parser.add_argument("--reps", type=int, help="repetitions (default 3; --quick 1)")
+    parser.add_argument("--py-spy", metavar="DIR", type=Path,
+                        help="profile rep 1 with py-spy (PY_SPY env: its binary, default "
+                        "/tmp/pyspy/bin/py-spy) into DIR: the primary during the PUT, the "
+                        "primary and one secondary from the PUT's answer to sealed, the "
+                        "primary during the normal and the degraded GET (raw folded stacks)")
     parser.add_argument("--discard-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -745,6 +791,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes.big = args.big_mib * MiB
     if args.reps:
         sizes.reps = args.reps
+    if args.py_spy:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+        sizes.pyspy = (os.environ.get("PY_SPY", "/tmp/pyspy/bin/py-spy"), args.py_spy)
     root = Path(tempfile.mkdtemp(prefix="gfsp-bench-data-"))
     res = Results()
     load_before = _loadavg()

@@ -41,12 +41,26 @@ route, shared by the gater and the fetcher (:func:`encode_challenge`, :func:`dec
     GET /gfsp/v1/challenge/{object_id}/{segment}/{index}      (index -1: the primary segment)
     200 application/json
     {"piece": "<base64>", "checksums": ["<64 hex>", ...], "integrity_hash": "<64 hex>"}
+
+and, asked with ``Accept: application/octet-stream`` (what SPs use between themselves: no
+base64, no JSON; :func:`encode_challenge_binary`, :func:`decode_challenge_binary`)::
+
+    200 application/octet-stream
+    x-gfsp-integrity-hash: <64 hex>
+    x-gfsp-checksum-count: <n>
+    <n x 32 bytes: the checksum list><the piece>
+
+Reads overlap: while one segment is being sent, the next one is read (or rebuilt from the
+secondaries) in the modular's nursery, when the limiter has room for one more segment
+(:meth:`Downloader.handle_download_object_task`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -90,7 +104,9 @@ __all__ = [
     "content_length",
     "content_range",
     "decode_challenge",
+    "decode_challenge_binary",
     "encode_challenge",
+    "encode_challenge_binary",
     "parse_range",
 ]
 
@@ -100,6 +116,10 @@ log = logging.getLogger("gfsp.downloader")
 CHALLENGE_ROUTE = "/gfsp/v1/challenge/{object_id}/{segment}/{index}"
 #: Length of a SHA-256 digest.
 HASH_LEN = 32
+#: The binary challenge form: its media type and headers.
+BINARY_CHALLENGE = "application/octet-stream"
+INTEGRITY_HEADER = "x-gfsp-integrity-hash"
+COUNT_HEADER = "x-gfsp-checksum-count"
 
 PieceFetcher = Callable[[str, str, int, int, int],
                         Awaitable[tuple[bytes, list[bytes], bytes]]]
@@ -208,6 +228,41 @@ def encode_challenge(piece: bytes, checksums: Sequence[bytes], integrity: bytes
             "integrity_hash": integrity.hex()}
 
 
+def wants_binary_challenge(accept: str | None) -> bool:
+    """Whether an ``Accept`` header asks for the binary challenge form."""
+    if not accept:
+        return False
+    return any(part.split(";")[0].strip().lower() == BINARY_CHALLENGE
+               for part in accept.split(","))
+
+
+def encode_challenge_binary(piece: bytes, checksums: Sequence[bytes], integrity: bytes
+                            ) -> tuple[dict[str, str], list[bytes]]:
+    """(headers, body parts) of a binary challenge answer: the checksum list, then the
+    piece (sent as two parts: the piece is not copied)."""
+    headers = {INTEGRITY_HEADER: integrity.hex(), COUNT_HEADER: str(len(checksums)),
+               "content-length": str(HASH_LEN * len(checksums) + len(piece))}
+    return headers, [b"".join(checksums), piece]
+
+
+def decode_challenge_binary(headers: Mapping[str, str], body: bytes | bytearray
+                            ) -> tuple[bytes, list[bytes], bytes]:
+    """``(piece, checksums, integrity_hash)`` of a binary challenge answer;
+    :class:`ChallengeResponseError` when it is anything else."""
+    integrity = _hash_of(headers.get(INTEGRITY_HEADER), INTEGRITY_HEADER)
+    raw = headers.get(COUNT_HEADER, "")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
+        raise ChallengeResponseError(f"{COUNT_HEADER} must be a number")
+    count = int(raw)
+    prefix = HASH_LEN * count
+    if len(body) < prefix:
+        raise ChallengeResponseError(f"the body is shorter than {count} checksums")
+    with memoryview(body) as view:
+        checksums = [bytes(view[i:i + HASH_LEN]) for i in range(0, prefix, HASH_LEN)]
+        piece = bytes(view[prefix:])
+    return piece, checksums, integrity
+
+
 _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
@@ -259,6 +314,37 @@ class _Challenge:
     task: ChallengePieceTask
     chain_object: ChainObject
     span: Span | None = None
+
+
+class _Prefetch:
+    """A segment read in the background: :meth:`run` in a nursery, :meth:`result` to wait
+    for it (its error is raised there), :meth:`cancel` when it is no longer wanted."""
+
+    def __init__(self) -> None:
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+        self._value: bytes | None = None
+        self._error: Exception | None = None
+
+    async def run(self, read: Callable[[], Awaitable[bytes]]) -> None:
+        try:
+            with self._scope:
+                self._value = await read()
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, raised in result()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def result(self) -> bytes:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        if self._value is None:
+            raise ServiceUnavailable("the read of the next segment was cancelled", 1.0)
+        return self._value
+
+    def cancel(self) -> None:
+        self._scope.cancel()
 
 
 @dataclass
@@ -450,14 +536,45 @@ class Downloader(ModularBase):
                                       obj.size)
         trusted = await self._primary_hashes(obj, params)
         seg_size = params.segment_size
-        for segment in range(low // seg_size, high // seg_size + 1):
-            data = await self._read_segment(obj, params, segment, trusted)
-            start = segment * seg_size
-            chunk = data[max(low - start, 0): high - start + 1]
-            state.served += len(chunk)
-            self.stats["bytes_served"] += len(chunk)
-            yield chunk
+        first, last = low // seg_size, high // seg_size
+        with self._read_ahead_span(task, last - first + 1) as ahead:
+            prefetch: _Prefetch | None = None
+            try:
+                for segment in range(first, last + 1):
+                    if prefetch is not None:
+                        data = await prefetch.result()
+                        prefetch = None
+                    else:
+                        data = await self._read_segment(obj, params, segment, trusted)
+                    if ahead is not None and segment < last and self._nursery is not None:
+                        # the next segment is read (or rebuilt) while this one is sent
+                        prefetch = _Prefetch()
+                        self._nursery.start_soon(prefetch.run, functools.partial(
+                            self._read_segment, obj, params, segment + 1, trusted))
+                    start = segment * seg_size
+                    chunk = data[max(low - start, 0): high - start + 1]
+                    del data
+                    state.served += len(chunk)
+                    self.stats["bytes_served"] += len(chunk)
+                    yield chunk
+                    del chunk
+            finally:
+                if prefetch is not None:
+                    prefetch.cancel()
         state.completed = True
+
+    def _read_ahead_span(self, task: DownloadObjectTask, segments: int
+                         ) -> contextlib.AbstractContextManager[Span | None]:
+        """A span of one more segment for reading ahead, or None (one segment to read, or
+        no room in the limiter: the segments are then read one after the other)."""
+        if segments < 2 or self._nursery is None:
+            return contextlib.nullcontext()
+        try:
+            return self.ctx.limiter.span(self.name, memory=task.estimate().memory,
+                                         task_priority=task.priority)
+        except ResourceLimitExceeded:
+            self.stats["no_read_ahead"] += 1
+            return contextlib.nullcontext()
 
     def post_download_object(self, task: DownloadObjectTask) -> None:
         """Release the span, count the outcome, and queue the read record (the bytes actually
@@ -595,6 +712,8 @@ class Downloader(ModularBase):
             piece, checksums, integrity = await self.fetch_piece(
                 operator, sp.endpoint, obj.id, segment, index)
             reason = _check_piece(obj, params, segment, index, piece, checksums, integrity)
+            if not reason and await _sha256_off_loop(piece) != checksums[segment]:
+                reason = "piece does not match its checksum"
         except Exception as exc:  # noqa: BLE001 - whatever a secondary does, it is one failure
             reason = f"{type(exc).__name__}: {exc}"
             piece = b""
@@ -615,7 +734,7 @@ class Downloader(ModularBase):
                params.segment_count(params.max_payload) + 4096)
         url = endpoint.rstrip("/") + challenge_path(object_id, segment, index)
         headers = self.ctx.modulars.signer.sign_http_request(
-            "GET", url, body_sha256=sha256(b"").hex())
+            "GET", url, body_sha256=sha256(b"").hex(), headers={"accept": BINARY_CHALLENGE})
         async with self.http.stream("GET", url, headers=headers) as response:
             if response.status_code != 200:
                 raise PieceFetchError(f"{operator}: HTTP {response.status_code}")
@@ -624,7 +743,10 @@ class Downloader(ModularBase):
                 body += chunk
                 if len(body) > cap:
                     raise PieceFetchError(f"{operator}: answer over {cap} bytes")
-        return decode_challenge(bytes(body))
+        media = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media == BINARY_CHALLENGE:
+            return decode_challenge_binary(response.headers, body)
+        return decode_challenge(bytes(body))  # an SP that answers only JSON
 
     # --- repairs --------------------------------------------------------------------------
 
@@ -796,7 +918,8 @@ class Downloader(ModularBase):
 
 def _check_piece(obj: ChainObject, params: StorageParams, segment: int, index: int,
                  piece: bytes, checksums: list[bytes], integrity: bytes) -> str:
-    """Why a fetched piece is refused ("" when it verifies against the chain)."""
+    """Why a fetched piece's checksum list and size are refused ("" when they verify against
+    the chain; the piece's sha256 against ``checksums[segment]`` is left to the caller)."""
     if integrity != obj.checksums[1 + index]:
         return "integrity hash differs from the chain's"
     if integrity_hash(checksums) != integrity:
@@ -805,9 +928,18 @@ def _check_piece(obj: ChainObject, params: StorageParams, segment: int, index: i
         return f"checksum list has {len(checksums)} entries"
     if len(piece) != params.piece_size(params.segment_len(obj.size, segment)):
         return f"piece has {len(piece)} bytes"
-    if sha256(piece) != checksums[segment]:
-        return "piece does not match its checksum"
-    return ""
+    return ""  # the caller checks the piece's own hash (in a worker thread)
+
+
+#: Smaller data is hashed on the event loop (cheaper than a worker thread's round trip).
+INLINE_HASH_BYTES = 256 * 1024
+
+
+async def _sha256_off_loop(data: bytes) -> bytes:
+    """SHA-256 of ``data``, in a worker thread unless it is small."""
+    if len(data) <= INLINE_HASH_BYTES:
+        return sha256(data)
+    return await trio.to_thread.run_sync(sha256, data)
 
 
 def _trusted_list(conn: sqlite3.Connection, object_id: int, index: int, count: int,

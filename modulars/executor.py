@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import httpx
 import trio
-import zfec
 
 from modulars.signer import integrity_payload
 from node.chain import ChainClient, ChainError, require_chain
@@ -189,17 +188,33 @@ class TaskExecutor(ModularBase):
             except BaseExceptionGroup as group:
                 raise unwrap(group) from None
         signatures: list[bytes] = [b""] * n
-        for index in range(n):
-            while True:
-                try:
-                    signatures[index] = await self._done(targets[index], task, index)
-                    break
-                except (ReplicateError, httpx.HTTPError) as exc:
-                    log.warning("secondary %s failed done for %s index %d: %s",
-                                targets[index].approver, task.key, index, exc)
-                    await self._switch(targets, backups, index, codec, obj.id, segments)
+        switching = trio.Lock()  # one backup re-sent at a time: one segment's pieces held
+        try:
+            async with trio.open_nursery() as nursery:  # every secondary's "done" at once
+                for index in range(n):
+                    nursery.start_soon(self._done_or_switch, targets, backups, index, task,
+                                       codec, segments, signatures, switching)
+        except BaseExceptionGroup as group:
+            raise unwrap(group) from None
         task.secondaries = [t.approver for t in targets]
         task.secondary_signatures = signatures
+
+    async def _done_or_switch(self, targets: list[ApprovalResponse],
+                              backups: list[ApprovalResponse], index: int,
+                              task: ReplicatePieceTask, codec: _ObjectCodec, segments: int,
+                              signatures: list[bytes], switching: trio.Lock) -> None:
+        """Secondary ``index``'s signature; a secondary that fails "done" is switched to a
+        backup (sent every piece of that index again) until one signs or none is left."""
+        while True:
+            try:
+                signatures[index] = await self._done(targets[index], task, index)
+                return
+            except (ReplicateError, httpx.HTTPError) as exc:
+                log.warning("secondary %s failed done for %s index %d: %s",
+                            targets[index].approver, task.key, index, exc)
+                async with switching:
+                    await self._switch(targets, backups, index, codec, task.object.id,
+                                       segments)
 
     async def _send_segment(self, encoded: _Encoded, targets: list[ApprovalResponse],
                             backups: list[ApprovalResponse], codec: _ObjectCodec, object_id: int,
@@ -222,9 +237,13 @@ class TaskExecutor(ModularBase):
 
     def _read_ahead_span(self, task: ReplicatePieceTask) -> contextlib.AbstractContextManager[
             Span | None]:
-        """A span holding one more segment's pieces, or None when the limiter has no room."""
+        """A span holding the task's read-ahead (one more segment's pieces), or None when
+        there is none (a one-segment object) or the limiter has no room."""
+        extra = task.read_ahead_memory()
+        if extra <= 0:
+            return contextlib.nullcontext()
         try:
-            return self.ctx.limiter.span(self.name, memory=task.estimate().memory)
+            return self.ctx.limiter.span(self.name, memory=extra)
         except ResourceLimitExceeded:
             log.info("replicating %s one segment at a time: no memory to read ahead", task.key)
             return contextlib.nullcontext()
@@ -468,8 +487,8 @@ class _Encoded:
 
 def _encode_and_hash(codec: _ObjectCodec, blocks: list[bytes]) -> tuple[list[bytes], list[str]]:
     """The pieces of a segment given as its ``k`` data pieces (what :meth:`Codec.encode`
-    gives for the whole segment: zfec returns the data blocks themselves, then the parity)."""
-    pieces = list(zfec.Encoder(codec.k, codec.k + codec.m).encode(blocks))
+    gives for the whole segment) and their SHA-256 (hex)."""
+    pieces = codec.encode_blocks(blocks)
     return pieces, [hashlib.sha256(p).hexdigest() for p in pieces]
 
 

@@ -7,6 +7,14 @@ body's SHA-256 before the receiver commits anything), with that secondary's repl
 attached. The receiver checks the approval is its own (signed by its approval key), for the
 sending SP, for this object, and not expired; that the object is CREATED on the chain in a
 bucket whose primary is the sender; and that the piece has the size the storage params give.
+The body of a piece is copied once, into a page-aligned buffer of the piece store (reserved
+from the node's limiter under ``receiver``), and is hashed in a worker thread while the piece
+store writes it: the piece becomes visible under its key only once its SHA-256 is the signed
+one (:meth:`Receiver.handle_receive_piece_task`). Its checksum is recorded in SPDB after the
+piece is durable and before the request is answered, so an acknowledged piece is on disk with
+its checksum. The chain lookups of an admission (object, bucket) are cached for
+:data:`ADMIT_CACHE_SECONDS` per object (every piece of an object asks the same); "done" always
+asks the chain.
 "Done" computes the integrity hash of what it holds for the index, which must equal the
 object's checksum for that index on the chain, and has the signer sign it; the manager then
 keeps a task to confirm the seal (or collect the pieces when no seal comes).
@@ -14,19 +22,27 @@ keeps a task to confirm the seal (or collect the pieces when no seal comes).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
 
-from node.chain import ChainObject, chain_errors, require_chain
+from node.auth import AuthError
+from node.chain import ChainBucket, ChainObject, chain_errors, require_chain
 from node.crypto import pack
 from node.ec import integrity_hash, piece_size, sha256
-from node.errors import NoSuchKey, ServiceError
+from node.errors import NoSuchKey, ResourceLimitExceeded, ServiceError, ServiceUnavailable
 from node.modular import ModularBase, NodeContext
-from node.piecestore import piece_key
+from node.piecestore import PieceDigestMismatch, piece_key
 from node.tasks import ReceivePieceTask, Task
 from p2p.messages import ApprovalResponse, InvalidMessage, decode, verify
+
+#: How long an admission reuses the chain's object and bucket (seconds, trio clock).
+ADMIT_CACHE_SECONDS = 1.0
+#: At most this many objects in that cache (it is cleared when full).
+ADMIT_CACHE_SIZE = 256
 
 
 class InvalidApproval(ServiceError):
@@ -50,13 +66,33 @@ class Receiver(ModularBase):
     def __init__(self, ctx: NodeContext) -> None:
         super().__init__(ctx)
         self._tasks: dict[str, ReceivePieceTask] = {}
+        self._chain_cache: dict[int, tuple[float, ChainObject, ChainBucket]] = {}
 
     def query_tasks(self, prefix: str = "") -> list[Task]:
         return [t for k, t in self._tasks.items() if k.startswith(prefix)]
 
+    async def _object_and_bucket(self, object_id: int, fresh: bool
+                                 ) -> tuple[ChainObject | None, ChainBucket | None]:
+        chain = require_chain(self.ctx)
+        now = trio.current_time()
+        hit = None if fresh else self._chain_cache.get(object_id)
+        if hit is not None and now - hit[0] < ADMIT_CACHE_SECONDS:
+            return hit[1], hit[2]
+        with chain_errors("receive"):
+            obj = await chain.get_object_by_id(object_id)
+            bucket = await chain.get_bucket(obj.bucket) if obj is not None else None
+        if obj is None or bucket is None or obj.sealed:  # refusals are never cached
+            self._chain_cache.pop(object_id, None)
+            return obj, bucket
+        if len(self._chain_cache) >= ADMIT_CACHE_SIZE:
+            self._chain_cache.clear()
+        self._chain_cache[object_id] = (now, obj, bucket)
+        return obj, bucket
+
     async def admit(self, *, sender: str, approval: bytes, object_id: int,
-                    redundancy_index: int) -> Admitted:
-        """Check a replicate request; the ReceivePieceTask it belongs to."""
+                    redundancy_index: int, fresh: bool = False) -> Admitted:
+        """Check a replicate request; the ReceivePieceTask it belongs to. The object and its
+        bucket may come from a cache of :data:`ADMIT_CACHE_SECONDS` unless ``fresh``."""
         signer = self.ctx.modulars.signer
         try:
             resp = decode(approval, ApprovalResponse)
@@ -72,9 +108,8 @@ class Receiver(ModularBase):
         chain = require_chain(self.ctx)
         with chain_errors("receive"):
             height = await chain.current_height()
-            obj = await chain.get_object_by_id(object_id)
             params = await chain.params()
-            bucket = await chain.get_bucket(obj.bucket) if obj is not None else None
+        obj, bucket = await self._object_and_bucket(object_id, fresh)
         if resp.expiry_height <= height:
             raise InvalidApproval(f"the approval expired at height {resp.expiry_height}")
         if obj is None or bucket is None:
@@ -90,25 +125,52 @@ class Receiver(ModularBase):
                                 redundancy_index=redundancy_index, user_address=sender)
         return Admitted(task, obj)
 
-    # --- the seed's Receiver interface ----------------------------------------------------
-
-    async def handle_receive_piece_task(self, task: ReceivePieceTask, segment: int,
-                                        data: bytes, digest: bytes | None = None) -> None:
-        """Store one piece. ``digest``: its SHA-256 when the caller already verified it (the
-        gater checks the body against the signed hash), else computed here."""
+    def piece_length(self, task: ReceivePieceTask, segment: int) -> int:
+        """The size piece ``segment`` of the task's index must have (400 for a segment out
+        of range)."""
         params, obj = task.params, task.object
         count = params.segment_count(obj.size)
         if not 0 <= segment < count:
             raise ServiceError("InvalidArgument", f"segment {segment} out of 0..{count - 1}",
                                400)
-        expected = piece_size(params.segment_len(obj.size, segment), params.data_shards)
+        return piece_size(params.segment_len(obj.size, segment), params.data_shards)
+
+    @contextlib.contextmanager
+    def piece_buffer(self, size: int) -> Iterator[memoryview]:
+        """A buffer for one piece's body (the piece store's, page-aligned: put without a
+        copy), its memory reserved under ``receiver`` (503 SlowDown when over the limit)."""
+        try:
+            span = self.ctx.limiter.span(self.name, memory=size)
+        except ResourceLimitExceeded as exc:
+            raise ServiceUnavailable(f"busy: {exc}", 1.0) from None
+        with span, self.store.buffer(size) as buf:
+            yield buf
+
+    # --- the seed's Receiver interface ----------------------------------------------------
+
+    async def handle_receive_piece_task(self, task: ReceivePieceTask, segment: int,
+                                        data: bytes | memoryview,
+                                        digest: bytes | None = None) -> None:
+        """Store one piece. ``digest``: the SHA-256 it must have (the signed payload hash of
+        the request): checked in a worker thread while the piece store writes it, and the
+        piece is stored only when it matches (400 ``ContentSha256Mismatch`` otherwise);
+        None: computed here. The checksum is recorded once the piece is durable."""
+        expected = self.piece_length(task, segment)
         if len(data) != expected:
             raise ServiceError("InvalidArgument", f"piece has {len(data)} bytes, expected "
                                f"{expected}", 400)
+        obj = task.object
         self._tasks[task.key] = task
+        key = piece_key(obj.id, segment, task.redundancy_index)
         if digest is None:
             digest = await trio.to_thread.run_sync(sha256, data)
-        await self.store.put(piece_key(obj.id, segment, task.redundancy_index), data)
+            await self.store.put(key, data)
+        else:
+            try:
+                await self.store.put(key, data, sha256=digest)
+            except PieceDigestMismatch:
+                raise AuthError("ContentSha256Mismatch", "the piece's sha256 differs from "
+                                "the signed x-gfsp-content-sha256") from None
         await self.ctx.db.run(lambda c: c.execute(
             "INSERT OR REPLACE INTO piece_hashes (object_id, segment, redundancy_index, "
             "checksum) VALUES (?, ?, ?, ?)", (obj.id, segment, task.redundancy_index, digest)))

@@ -35,6 +35,16 @@ class Codec:
         self.m = parity_shards
         self._encoder = zfec.Encoder(self.k, self.k + self.m)
 
+    def encode_blocks(self, blocks: Sequence[bytes]) -> list[bytes]:
+        """The ``k + m`` pieces of a segment given as its ``k`` data pieces (each
+        ``piece_size`` bytes, the last zero-padded): the data pieces themselves (the code is
+        systematic), then the ``m`` parity pieces."""
+        if len(blocks) != self.k:
+            raise ValueError(f"need {self.k} data pieces, have {len(blocks)}")
+        if len({len(b) for b in blocks}) > 1:
+            raise ValueError("the data pieces differ in size")
+        return list(self._encoder.encode(list(blocks)))
+
     def encode(self, segment: bytes | memoryview) -> list[bytes]:
         """The ``k + m`` pieces of one segment."""
         size = piece_size(len(segment), self.k)

@@ -32,6 +32,7 @@ EINVAL) and falls back to buffered writes when it does not; ``direct_io=False`` 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -68,7 +69,7 @@ TMP_PREFIX = ".tmp-"
 #: many idle aligned buffers a store keeps for reuse (more are unmapped when returned).
 DIRECT_CHUNK = 4 << 20
 DIRECT_ALIGN = 4096
-DIRECT_IDLE_BUFFERS = 2
+DIRECT_IDLE_BUFFERS = 4
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
 # ASCII digits only ([0-9], not \d, which matches other scripts' digits), no leading zeros,
@@ -91,6 +92,15 @@ class InvalidPieceKey(PieceStoreError, ValueError):
 
 class InvalidPieceRange(PieceStoreError, ValueError):
     """A read's ``offset`` / ``length`` is negative or not an int."""
+
+
+class PieceDigestMismatch(PieceStoreError):
+    """A put given the piece's SHA-256 found other bytes: nothing was stored."""
+
+    def __init__(self, key: str, actual: bytes) -> None:
+        super().__init__(f"piece {key!r}: the data's sha256 {actual.hex()} is not the one given")
+        self.key = key
+        self.actual = actual
 
 
 class PieceNotFound(PieceStoreError):
@@ -188,10 +198,13 @@ class PieceStore(Protocol):
     (:class:`InvalidPieceKey`). Backend failures raise :class:`PieceStoreError`.
     """
 
-    async def put(self, key: str, data: bytes | memoryview) -> None:
+    async def put(self, key: str, data: bytes | memoryview, *,
+                  sha256: bytes | None = None) -> None:
         """Store ``data`` under ``key`` atomically, replacing any piece already there.
 
-        The caller must not modify a memoryview's buffer until ``put`` returns.
+        With ``sha256``, the data's SHA-256 must be that digest: it is checked before the piece
+        becomes visible under ``key`` (:class:`PieceDigestMismatch` otherwise, and nothing is
+        stored). The caller must not modify a memoryview's buffer until ``put`` returns.
         """
         ...
 
@@ -256,6 +269,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _address(view: memoryview) -> int | None:
+    """The address of a writable buffer's first byte (None for a read-only one)."""
+    if view.readonly or not view.c_contiguous or not len(view):
+        return None
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
 def _write_all(fd: int, view: memoryview) -> None:
     while view:
         n = os.write(fd, view)
@@ -273,7 +293,16 @@ class _AlignedBuffers:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def take(self) -> Iterator[mmap.mmap]:
+    def take(self, size: int | None = None) -> Iterator[mmap.mmap]:
+        """A buffer of ``size`` bytes (default and at most: the pool's size, reused; larger:
+        a fresh one, unmapped when given back)."""
+        if size is not None and size > self.size:
+            big = mmap.mmap(-1, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
+            try:
+                yield big
+            finally:
+                big.close()
+            return
         with self._lock:
             buf = self._free.pop() if self._free else None
         if buf is None:
@@ -479,11 +508,26 @@ class LocalPieceStore:
 
     # -- operations --
 
-    async def put(self, key: str, data: bytes | memoryview) -> None:
+    @contextlib.contextmanager
+    def buffer(self, size: int) -> Iterator[memoryview]:
+        """A writable buffer of ``size`` bytes to fill and then :meth:`put` without a copy:
+        page-aligned, so an ``O_DIRECT`` put writes straight from it. Reused (up to
+        :data:`DIRECT_CHUNK` bytes); do not keep the view beyond the ``with``."""
+        if type(size) is not int or size < 0:
+            raise ValueError(f"size must be an int >= 0, not {size!r}")
+        with self._buffers.take(size) as buf, memoryview(buf) as whole, \
+                whole[:size] as view:
+            yield view
+
+    async def put(self, key: str, data: bytes | memoryview, *,
+                  sha256: bytes | None = None) -> None:
         path = self._path(key)
         self._check_open()
         view = memoryview(data)
-        tmp = await trio.to_thread.run_sync(self._write_tmp_sync, path.parent, view)
+        if sha256 is None:
+            tmp = await trio.to_thread.run_sync(self._write_tmp_sync, path.parent, view)
+        else:
+            tmp = await self._write_tmp_checked(key, path.parent, view, sha256)
         try:
             async with self._locked(key):
                 delta = await trio.to_thread.run_sync(self._commit_sync, tmp, path)
@@ -496,6 +540,37 @@ class LocalPieceStore:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_unlink_quietly, tmp)
             raise
+
+    async def _write_tmp_checked(self, key: str, folder: Path, view: memoryview,
+                                 digest: bytes) -> Path:
+        """The temporary file of ``view``, written while the data is hashed (two worker
+        threads); removed, and :class:`PieceDigestMismatch` raised, when the hash is not
+        ``digest``."""
+        out: list[object] = []
+
+        async def hash_it() -> None:
+            out.append(await trio.to_thread.run_sync(_sha256, view))
+
+        async def write_it() -> None:
+            out.insert(0, await trio.to_thread.run_sync(self._write_tmp_sync, folder, view))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hash_it)
+                nursery.start_soon(write_it)
+        except BaseException:
+            # The write may have finished before the hash failed or was cancelled.
+            if out and isinstance(out[0], Path):
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_unlink_quietly, out[0])
+            raise
+        tmp, actual = out
+        assert isinstance(tmp, Path) and isinstance(actual, bytes)
+        if actual != digest:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_unlink_quietly, tmp)
+            raise PieceDigestMismatch(key, actual)
+        return tmp
 
     def _write_tmp_sync(self, folder: Path, view: memoryview) -> Path:
         tmp = folder / f"{TMP_PREFIX}{secrets.token_hex(8)}"
@@ -532,7 +607,10 @@ class LocalPieceStore:
         try:
             size = len(view)
             aligned = size - size % DIRECT_ALIGN
-            if aligned:
+            address = _address(view) if aligned else None
+            if address is not None and address % DIRECT_ALIGN == 0:
+                _write_all(fd, view[:aligned])  # already aligned (:meth:`buffer`): no copy
+            elif aligned:
                 with self._buffers.take() as buf, memoryview(buf) as chunk:
                     offset = 0
                     while offset < aligned:
@@ -692,6 +770,10 @@ class LocalPieceStore:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, not {nbytes!r}")
         return self.free_bytes() - nbytes >= self.min_free_bytes
+
+
+def _sha256(view: memoryview) -> bytes:
+    return hashlib.sha256(view).digest()
 
 
 class _PartialUnlink(Exception):

@@ -479,7 +479,10 @@ class ReplicatePieceTask(Task):
 
     ``secondaries[i]`` is the operator address receiving redundancy index ``i``;
     ``secondary_signatures[i]`` its signature (empty bytes while missing).
-    Memory: segment x (data + parity) / data, rounded up, segment capped by object size.
+    Memory (the estimate): one segment's pieces, segment x (data + parity) / data, rounded up,
+    segment capped by object size: what replication needs to run, one segment at a time. The
+    executor reserves :meth:`read_ahead_memory` more when the limiter has room, to read and
+    encode the next segment while one is sent.
     """
 
     type: ClassVar[TaskType] = TaskType.ReplicatePiece
@@ -494,13 +497,26 @@ class ReplicatePieceTask(Task):
     timeout: float = 300.0
     max_retry: int = 3
 
+    #: Segments whose pieces a replication holds at most: one being sent while the next one
+    #: is read and encoded.
+    SEGMENTS_IN_FLIGHT: ClassVar[int] = 2
+
     def _key_parts(self) -> list[str]:
         return _object_parts(self.object)
 
     def _memory(self) -> int:
+        return max(self.segment_memory(), SMALL_TASK_MEMORY)
+
+    def segment_memory(self) -> int:
+        """Bytes of one segment's pieces (data + parity)."""
         seg = _buffered_segment(self.object, self.params)
-        mem = -(-seg * self.params.total_shards // self.params.data_shards)
-        return max(mem, SMALL_TASK_MEMORY)
+        return -(-seg * self.params.total_shards // self.params.data_shards)
+
+    def read_ahead_memory(self) -> int:
+        """What the executor reserves on top of :meth:`estimate` (when the limiter has room)
+        to keep :attr:`SEGMENTS_IN_FLIGHT` segments in flight: 0 for a one-segment object."""
+        segments = self.params.segment_count(self.object.size)
+        return self.segment_memory() * max(0, min(self.SEGMENTS_IN_FLIGHT, segments) - 1)
 
 
 @dataclass(kw_only=True)

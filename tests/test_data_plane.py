@@ -12,6 +12,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from modulars.downloader import challenge_path, decode_challenge_binary
 from node.crypto import PrivateKey
 from node.ec import integrity_hash
 from node.tasks import StorageParams
@@ -79,6 +80,17 @@ async def test_put_seal_get_challenge(tmp_path: Path, nursery: trio.Nursery, n_s
                         sp_endpoint, sealed.id, seg, index)
                     assert hashlib.sha256(piece).digest() == checksums[seg]
                     assert integrity == integrity_hash(checksums) == sealed.checksums[1 + index]
+            # the binary form SPs ask each other for gives the same answer as the JSON one
+            for index, operator in enumerate(sealed.secondaries[:2]):
+                sp_endpoint = by_operator[operator].info().endpoint
+                url = sp_endpoint + challenge_path(sealed.id, 1, index)
+                headers = client.sign("GET", url, headers={"accept": "application/octet-stream"})
+                async with httpx.AsyncClient(timeout=60) as http:
+                    r = await http.get(url, headers=headers)
+                assert r.status_code == 200, r.text
+                assert r.headers["content-type"] == "application/octet-stream"
+                assert decode_challenge_binary(r.headers, r.content) == \
+                    await client.challenge(sp_endpoint, sealed.id, 1, index)
             piece, checksums, integrity = await client.challenge(
                 sps[0].info().endpoint, sealed.id, 0, -1)
             assert piece == payload[:segment]

@@ -20,7 +20,7 @@ import json
 import random
 import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,11 @@ from modulars.downloader import (
     content_length,
     content_range,
     decode_challenge,
+    decode_challenge_binary,
     encode_challenge,
+    encode_challenge_binary,
     parse_range,
+    wants_binary_challenge,
 )
 from modulars.metadata import Metadata
 from modulars.receiver import Receiver
@@ -223,6 +226,34 @@ def test_challenge_wire_round_trip() -> None:
 def test_challenge_wire_rejects_garbage(body: str | bytes) -> None:
     with pytest.raises(ChallengeResponseError):
         decode_challenge(body)
+
+
+def test_binary_challenge_wire_round_trip() -> None:
+    piece, sums = b"\x00piece\xff" * 100, [sha256(b"a"), sha256(b"b"), sha256(b"c")]
+    headers, parts = encode_challenge_binary(piece, sums, integrity_hash(sums))
+    assert parts[1] is piece  # the piece is not copied
+    body = b"".join(parts)
+    assert int(headers["content-length"]) == len(body) == 3 * 32 + len(piece)
+    assert decode_challenge_binary(headers, body) == (piece, sums, integrity_hash(sums))
+    assert decode_challenge_binary(headers, bytearray(body)) == (piece, sums,
+                                                                 integrity_hash(sums))
+    assert wants_binary_challenge("application/octet-stream")
+    assert wants_binary_challenge("application/json;q=0.1, Application/Octet-Stream")
+    assert not wants_binary_challenge("application/json") and not wants_binary_challenge("")
+
+
+@pytest.mark.parametrize(("headers", "body"), [
+    ({}, b""),
+    ({"x-gfsp-integrity-hash": "00" * 31, "x-gfsp-checksum-count": "0"}, b""),
+    ({"x-gfsp-integrity-hash": "zz" * 32, "x-gfsp-checksum-count": "0"}, b""),
+    ({"x-gfsp-integrity-hash": "00" * 32}, b""),
+    ({"x-gfsp-integrity-hash": "00" * 32, "x-gfsp-checksum-count": "-1"}, b""),
+    ({"x-gfsp-integrity-hash": "00" * 32, "x-gfsp-checksum-count": "2"}, b"\0" * 63),
+    ({"x-gfsp-integrity-hash": "00" * 32, "x-gfsp-checksum-count": "9" * 13}, b""),
+])
+def test_binary_challenge_wire_rejects_garbage(headers: dict[str, str], body: bytes) -> None:
+    with pytest.raises(ChallengeResponseError):
+        decode_challenge_binary(headers, body)
 
 
 # --- the devchain world -----------------------------------------------------------------------
@@ -698,6 +729,67 @@ async def test_a_slow_secondary_is_hedged(world: World, autojump_clock: Any) -> 
     assert await world.segment_on_disk(0) == SEGMENTS[0]
 
 
+async def test_degraded_read_with_a_secondary_down_overlaps_segments(
+        world: World, autojump_clock: Any) -> None:
+    """Every segment is rebuilt (the primary lost them all) while the holder of data index 0
+    is down: each segment's pieces are asked at once (a parity piece replaces the missing
+    one as soon as it fails), and the next segment is rebuilt while one is sent."""
+    oid = world.object.id
+    for segment in range(len(SEGMENTS)):
+        await world.store.delete(segment_key(oid, segment))
+    world.secondaries.mode = dict.fromkeys(range(1, PARAMS.total_shards), "slow")
+    world.secondaries.mode[0] = "missing"
+    delay = world.secondaries.delay = world.dl.hedge_after / 4
+    # (no timings asserted: the autojump clock also jumps while worker threads run)
+    obj = world.chain.objects[oid]
+    task = DownloadObjectTask(object=obj.info, bucket=world.chain.buckets["bkt"].info,
+                              params=PARAMS, low=0, high=SIZE - 1, user_address="0xreader")
+    chunks = []
+    ahead = []  # while the client holds segment n: was segment n + 1 being read already?
+    world.store.gets.clear()
+    calls = world.secondaries.calls
+    await world.dl.pre_download_object(task)
+    try:
+        async for chunk in world.dl.handle_download_object_task(task):
+            segment = len(chunks)
+            chunks.append(chunk)
+            await trio.sleep(delay)  # a client that takes as long as a fetch per segment
+            ahead.append(segment + 1 in segments_read(world.store, oid))
+    finally:
+        world.dl.post_download_object(task)
+    assert b"".join(chunks) == DATA
+    assert ahead == [True, True, True, False]  # the last segment has no next one
+    assert sorted({s for s, _ in calls}) == list(range(len(SEGMENTS)))
+    assert all((s, 0) in calls and (s, 2) in calls for s in range(len(SEGMENTS)))
+    assert world.dl.stats["degraded_reads"] == len(SEGMENTS)
+    await world.dl.wait_background()
+    assert world.ctx.limiter.used("downloader").memory == 0
+    assert [await world.segment_on_disk(s) for s in range(len(SEGMENTS))] == SEGMENTS
+
+
+async def test_read_ahead_needs_room_in_the_limiter(world: World) -> None:
+    """With no room for a second segment the read goes one segment at a time (and still
+    works); an abandoned read cancels its read-ahead and releases everything."""
+    obj = world.object
+    task = DownloadObjectTask(object=obj.info, bucket=world.chain.buckets["bkt"].info,
+                              params=PARAMS, low=0, high=SIZE - 1, user_address="0xreader")
+    limiter = world.ctx.limiter
+    free = limiter.remaining("downloader").memory
+    one = task.estimate().memory
+    with limiter.span("downloader", memory=free - one):  # room for the download's own span
+        assert await world.read() == DATA
+    assert world.dl.stats["no_read_ahead"] == 1
+    await world.dl.pre_download_object(task)
+    try:
+        async with aclosing(world.dl.handle_download_object_task(task)) as chunks:
+            async for _ in chunks:
+                break  # the client went away after the first segment
+    finally:
+        world.dl.post_download_object(task)
+    await world.dl.wait_background()
+    assert limiter.used("downloader").memory == 0
+
+
 async def test_missing_integrity_meta_falls_back_then_rebuilds(world: World) -> None:
     oid = world.object.id
     await world.ctx.db.run(lambda c: c.execute("DELETE FROM integrity_meta"))
@@ -865,10 +957,16 @@ async def test_http_fetcher_signs_and_decodes(world: World) -> None:
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        if request.url.path.endswith("/1/0"):
+        if request.url.path.endswith("/1/0"):  # an SP that answers JSON only
             sums = [sha256(p[0]) for p in PIECES]
             return httpx.Response(200, json=encode_challenge(PIECES[1][0], sums,
                                                              integrity_hash(sums)))
+        if request.url.path.endswith("/1/1"):  # the binary form the fetcher asks for
+            sums = [sha256(p[1]) for p in PIECES]
+            headers, parts = encode_challenge_binary(PIECES[1][1], sums, integrity_hash(sums))
+            return httpx.Response(200, headers={**headers,
+                                                "content-type": "application/octet-stream"},
+                                  content=b"".join(parts))
         if request.url.path.endswith("/2/0"):
             return httpx.Response(200, content=b"x" * 10_000_000)
         return httpx.Response(403, json={"code": "AccessDenied"})
@@ -877,6 +975,8 @@ async def test_http_fetcher_signs_and_decodes(world: World) -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         dl.http = http
         piece, _, integrity = await dl.fetch_piece(sp.address, sp.endpoint, oid, 1, 0)
+        binary = await dl.fetch_piece(sp.address, sp.endpoint, oid, 1, 1)
+        assert binary == (PIECES[1][1], [sha256(p[1]) for p in PIECES], CHECKSUMS[2])
         with pytest.raises(PieceFetchError, match="403"):
             await dl.fetch_piece(sp.address, sp.endpoint, oid, 3, 0)
         with pytest.raises(PieceFetchError, match="over"):
@@ -885,6 +985,7 @@ async def test_http_fetcher_signs_and_decodes(world: World) -> None:
     request = seen[0]
     assert str(request.url) == sp.endpoint + challenge_path(oid, 1, 0)
     assert request.method == "GET"
+    assert request.headers["accept"] == "application/octet-stream"
     auth = request.headers[AUTHORIZATION_HEADER]
     assert auth.startswith(SCHEME) and world.sps[0].address in auth
     assert request.headers["host"] == sp.endpoint.removeprefix("http://")

@@ -55,3 +55,18 @@ def test_empty_object_checksums() -> None:
 def test_bad_shard_counts() -> None:
     with pytest.raises(ValueError):
         Codec(0, 1)
+
+
+@pytest.mark.parametrize("size", [1, 4096, 4 * 1024 + 3, 65536])
+def test_encode_blocks_is_encode_of_the_segment(size: int) -> None:
+    codec = Codec(4, 2)
+    segment = os.urandom(size)
+    n = piece_size(size, 4)
+    blocks = [segment[i * n:(i + 1) * n].ljust(n, b"\0") for i in range(4)]
+    pieces = codec.encode_blocks(blocks)
+    assert pieces == codec.encode(segment)
+    assert pieces[:4] == blocks  # systematic: the data pieces come back as given
+    with pytest.raises(ValueError):
+        codec.encode_blocks(blocks[:3])
+    with pytest.raises(ValueError):
+        codec.encode_blocks([*blocks[:3], blocks[3] + b"x"])

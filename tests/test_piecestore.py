@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import sys
@@ -567,3 +568,56 @@ async def test_direct_off(tmp_path: Path, kw: dict[str, bool]) -> None:
     assert not store.direct
     await store.put("1_s0", b"abc")
     assert await store.get("1_s0") == b"abc"
+
+
+# --- verified puts and the aligned buffers ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [{}, {"direct_io": False}, {"fsync": False}])
+async def test_put_with_sha256_stores_only_matching_data(tmp_path: Path,
+                                                         kw: dict[str, bool]) -> None:
+    store = await _store(tmp_path / "ps", **kw)
+    good = os.urandom(3 * psmod.DIRECT_ALIGN + 17)
+    await store.put("1_s0_p2", good, sha256=hashlib.sha256(good).digest())
+    assert await store.get("1_s0_p2") == good
+    bad = bytes([good[0] ^ 1]) + good[1:]
+    with pytest.raises(psmod.PieceDigestMismatch) as info:
+        await store.put("1_s0_p2", bad, sha256=hashlib.sha256(good).digest())
+    assert info.value.actual == hashlib.sha256(bad).digest()
+    assert isinstance(info.value, psmod.PieceStoreError)
+    with pytest.raises(psmod.PieceDigestMismatch):  # a new key: nothing appears
+        await store.put("1_s1_p2", bad, sha256=hashlib.sha256(good).digest())
+    assert await store.get("1_s0_p2") == good  # the old piece stays
+    assert not await store.exists("1_s1_p2")
+    assert store.used_bytes() == len(good)
+    assert [f.name for f in _files(tmp_path / "ps")] == ["1_s0_p2"]  # no temp file left
+
+
+async def test_cancelled_verified_put_leaves_no_temp_file(tmp_path: Path) -> None:
+    store = await _store(tmp_path / "ps")
+    data = os.urandom(psmod.DIRECT_CHUNK)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await store.put("1_s0_p0", data, sha256=hashlib.sha256(data).digest())
+    assert not await store.exists("1_s0_p0")
+    assert _files(tmp_path / "ps") == []
+
+
+@pytest.mark.parametrize("size", [0, 1, psmod.DIRECT_ALIGN, psmod.DIRECT_CHUNK - 5,
+                                  psmod.DIRECT_CHUNK, psmod.DIRECT_CHUNK + psmod.DIRECT_ALIGN + 3])
+async def test_buffer_is_aligned_and_put_without_a_copy(tmp_path: Path, size: int) -> None:
+    store = await _store(tmp_path / "ps")
+    data = random.Random(size).randbytes(size)
+    with store.buffer(size) as buf:
+        assert len(buf) == size and not buf.readonly
+        if size:
+            assert psmod._address(buf) % psmod.DIRECT_ALIGN == 0  # type: ignore[operator]
+        buf[:] = data
+        await store.put("3_s0_p1", buf, sha256=hashlib.sha256(data).digest())
+    assert await store.get("3_s0_p1") == data
+    if store.direct and size <= psmod.DIRECT_CHUNK:
+        # the put wrote from the caller's buffer: no second aligned buffer was taken
+        assert store._buffers.idle_count() == 1
+    with pytest.raises(ValueError):
+        with store.buffer(-1):
+            pass

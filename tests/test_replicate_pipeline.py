@@ -212,3 +212,36 @@ async def test_a_short_segment_is_refused(tmp_path: Path) -> None:
         with trio.fail_after(20), pytest.raises(ReplicateError, match="not 65536 bytes"):
             await ex.handle_replicate_piece_task(task)
         assert ex.ctx.limiter.used("executor").memory == 0
+
+
+async def test_done_is_asked_of_every_secondary_at_once(tmp_path: Path) -> None:
+    """Every secondary's "done" runs concurrently; one that fails "done" moves to a backup
+    (sent every piece of its index again) without holding up the others."""
+    data = os.urandom(3 * SEG)
+    async with executor(tmp_path, data, backups=1) as (ex, http, task):
+        running = 0
+        most = 0
+        release = trio.Event()
+
+        async def done(target: ApprovalResponse, task: Any, index: int) -> bytes:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            try:
+                if running == N:
+                    release.set()
+                await release.wait()  # each waits until all N are in flight
+                if target.approver == "sp3":
+                    raise ReplicateError("sp3: done refused")
+                return f"sig-{target.approver}-{index}".encode()
+            finally:
+                running -= 1
+
+        ex._done = done  # type: ignore[method-assign]
+        with trio.fail_after(20):
+            await ex.handle_replicate_piece_task(task)
+        assert most == N
+        assert task.secondaries[3] == f"sp{N}"
+        assert task.secondary_signatures[3] == f"sig-sp{N}-3".encode()
+        assert {(i, s) for (h, i, s) in http.got if h == f"sp{N}"} == {(3, s) for s in range(3)}
+        assert ex.ctx.limiter.used("executor").memory == 0

@@ -115,6 +115,34 @@ class BodyStream:
             raise AuthError("ContentSha256Mismatch",
                             "the body's sha256 differs from x-gfsp-content-sha256")
 
+    async def read_into_unverified(self, buffer: memoryview) -> int:
+        """Copy the whole body into ``buffer`` (once, no other copy) and return its length;
+        a body longer than the buffer (or the limit) is 413 ``EntityTooLarge``.
+
+        The body's sha256 is NOT checked here (no hashing on the event loop): the caller must
+        verify it against :attr:`expected_sha256` before it commits anything, e.g. with the
+        piece store's ``put(..., sha256=...)`` in a worker thread.
+        """
+        if self._used:
+            raise RuntimeError("a request body can be read once")
+        self._used = True
+        limit = min(self.limit, len(buffer))
+        try:
+            async for chunk in self._chunks:
+                n = len(chunk)
+                if not n:
+                    continue
+                end = self.received + n
+                if end > limit:
+                    self.received = end
+                    await self._drain()
+                    raise EntityTooLarge(limit)
+                buffer[self.received:end] = chunk
+                self.received = end
+        except ClientDisconnect:
+            raise IncompleteBody() from None
+        return self.received
+
     async def read(self) -> bytes:
         """The whole body (only for small bodies: the limit bounds the memory)."""
         parts = [chunk async for chunk in self]

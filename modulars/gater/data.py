@@ -11,7 +11,8 @@ and challenges.
   the integrity signature; the request is signed by the primary's operator key (its account)
   with the body's hash signed, and carries the secondary's approval in ``x-gfsp-approval``.
 - ``GET /gfsp/v1/challenge/{object_id}/{segment}/{index}``: the piece, the checksum list and the
-  integrity hash, as JSON (:mod:`modulars.downloader` defines the wire form).
+  integrity hash, as JSON, or raw bytes with ``Accept: application/octet-stream`` (what SPs
+  ask each other; :mod:`modulars.downloader` defines both wire forms).
 
 A bucket named ``gfsp`` cannot be reached by the path-style routes: ``/gfsp/...`` is the API's
 own prefix, and a path there that no API route matches is a 404.
@@ -25,9 +26,17 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
-from modulars.downloader import content_length, content_range, encode_challenge
+from modulars.downloader import (
+    BINARY_CHALLENGE,
+    content_length,
+    content_range,
+    encode_challenge,
+    encode_challenge_binary,
+    wants_binary_challenge,
+)
 from modulars.gater import schemas
 from modulars.gater.app import API_PREFIX, AuthOpType, Call, Param, RouteSpec
+from modulars.gater.body import declared_length
 from node.errors import ServiceError
 
 APPROVAL_HEADER = "x-gfsp-approval"
@@ -99,7 +108,7 @@ async def get_object(call: Call) -> Any:
                              media_type=task.object.content_type or "application/octet-stream")
 
 
-async def _admit(call: Call) -> Any:
+async def _admit(call: Call, *, fresh: bool = False) -> Any:
     object_id, index = _int(call, "object_id"), _int(call, "index")
     raw = call.request.headers.get(APPROVAL_HEADER, "")
     try:
@@ -109,21 +118,34 @@ async def _admit(call: Call) -> Any:
     if call.auth is None or call.auth.payload_sha256 is None:
         raise ServiceError("UnsignedPayloadNotAllowed", "pieces must carry a signed hash", 400)
     return await call.modulars.receiver.admit(sender=call.account, approval=approval,
-                                              object_id=object_id, redundancy_index=index)
+                                              object_id=object_id, redundancy_index=index,
+                                              fresh=fresh)
 
 
 async def replicate_piece(call: Call) -> Any:
     admitted = await _admit(call)
     segment = _int(call, "segment")
-    data = await call.body.read()  # bounded by the route's limit; verified against its hash
+    receiver = call.modulars.receiver
+    expected = receiver.piece_length(admitted.task, segment)
+    declared = declared_length(call.request.headers)
+    if declared is not None and declared != expected:
+        raise ServiceError("InvalidArgument", f"piece has {declared} bytes, expected "
+                           f"{expected}", 400)
     assert call.auth is not None and call.auth.payload_sha256 is not None  # _admit checked
-    await call.modulars.receiver.handle_receive_piece_task(
-        admitted.task, segment, data, bytes.fromhex(call.auth.payload_sha256))
-    return {"stored": len(data)}
+    digest = bytes.fromhex(call.auth.payload_sha256)
+    with receiver.piece_buffer(expected) as buffer:
+        # One copy of the body, into the piece store's aligned buffer; its sha256 is checked
+        # against the signed one in a worker thread before the piece is stored.
+        received = await call.body.read_into_unverified(buffer)
+        if received != expected:
+            raise ServiceError("IncompleteBody", f"piece has {received} bytes, expected "
+                               f"{expected}", 400)
+        await receiver.handle_receive_piece_task(admitted.task, segment, buffer, digest)
+    return {"stored": received}
 
 
 async def replicate_done(call: Call) -> Any:
-    admitted = await _admit(call)
+    admitted = await _admit(call, fresh=True)
     await call.body.read()
     signature, integrity = await call.modulars.receiver.handle_done_receive_piece_task(
         admitted.task)
@@ -142,6 +164,14 @@ async def challenge(call: Call) -> Any:
         piece, checksums, integrity = await downloader.handle_challenge_piece(task)
     finally:
         downloader.post_challenge_piece(task)
+    if wants_binary_challenge(call.request.headers.get("accept")):
+        headers, parts = encode_challenge_binary(piece, checksums, integrity)
+
+        async def body() -> AsyncIterator[bytes]:
+            for part in parts:
+                yield part
+
+        return StreamingResponse(body(), headers=headers, media_type=BINARY_CHALLENGE)
     return encode_challenge(piece, checksums, integrity)
 
 
@@ -161,7 +191,8 @@ DATA_ROUTES: tuple[RouteSpec, ...] = (
                       Param("index", "path", _INT, "redundancy index", required=True)),
               response_schema={"type": "object"}),
     RouteSpec("GET", f"{API_PREFIX}/challenge/{{object_id}}/{{segment}}/{{index}}", challenge,
-              "challengePiece", "A piece with its checksum list and integrity hash",
+              "challengePiece", "A piece with its checksum list and integrity hash (JSON; "
+              "binary with Accept: application/octet-stream)",
               params=(Param("object_id", "path", _INT, "object id", required=True),
                       Param("segment", "path", _INT, "segment", required=True),
                       Param("index", "path", _INDEX, "redundancy index (-1: primary)",

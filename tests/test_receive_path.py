@@ -1,0 +1,137 @@
+"""The secondary's receive path over real HTTP (a devchain and 4 SPs, 2+1, in this process):
+a replicate-piece PUT is stored only when its body is the signed hash and the approval is the
+receiver's own; a refused piece leaves no file and no checksum row, an accepted one both."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from modulars.executor import APPROVAL_HEADER, replicate_path
+from node.crypto import PrivateKey
+from node.ec import Codec, object_checksums, split
+from node.tasks import ReplicatePieceApprovalTask, StorageParams
+from p2p.messages import encode
+from testnet.client import GfspClient, parse_error
+from testnet.devchain import DevChain
+from tests.p2pnet import make_chain_sps, register_on_chain, start_nodes, wait_until
+
+MiB = 1 << 20
+PARAMS = StorageParams(segment_size=1 * MiB, data_shards=2, parity_shards=1,
+                       max_payload=1 << 30)
+N = PARAMS.total_shards
+
+
+def piece_rows(db_path: Path, object_id: int) -> list[tuple[int, int, bytes]]:
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT segment, redundancy_index, checksum FROM piece_hashes "
+                            "WHERE object_id = ? ORDER BY segment", (object_id,)).fetchall()
+
+
+async def test_replicate_piece_checks_then_stores(tmp_path: Path, nursery: trio.Nursery) -> None:
+    with trio.fail_after(120):
+        chain = DevChain(tmp_path / "chain", block_interval=0.2, params=PARAMS)
+        endpoint = await nursery.start(chain.serve)
+        sps = make_chain_sps(tmp_path / "sps", 1 + N, endpoint)
+        await register_on_chain(endpoint, sps)
+        nodes = await start_nodes(nursery, sps)
+        everyone = {sp.peer_id for sp in sps}
+        await wait_until(lambda: all(n.trusted() == everyone - {n.sp.peer_id} for n in nodes))
+
+        payload = os.urandom(2 * MiB + 4321)  # 3 segments, the last one short
+        segments = split(payload, PARAMS.segment_size)
+        pieces = [Codec(PARAMS.data_shards, PARAMS.parity_shards).encode(s) for s in segments]
+        sums = object_checksums(segments, PARAMS.data_shards, PARAMS.parity_shards)
+        primary = nodes[0].node.ctx
+        assert primary is not None
+        async with GfspClient(PrivateKey.generate(), chain=endpoint, timeout=60) as client:
+            await client.create_bucket("rbucket", primary_sp=sps[0].keys.operator.address)
+            obj = await client.create_object("rbucket", "o", size=len(payload), checksums=sums)
+            approvals = await primary.modulars.p2p.handle_replicate_piece_approval(
+                ReplicatePieceApprovalTask(object=obj.info, params=PARAMS), N, N)
+        by_operator = {sp.keys.operator.address: (sp, node) for sp, node in zip(sps, nodes,
+                                                                                strict=True)}
+        approval = approvals[0]
+        target, target_node = by_operator[approval.approver]
+        store = target_node.node.ctx.piecestore  # type: ignore[union-attr]
+        db_path = target.config().db_path
+
+        async def put(segment: int, body: bytes, *, signed: bytes | None = None,
+                      index: int = 0, approval_of: Any = approval,
+                      headers: dict[str, str] | None = None) -> httpx.Response:
+            url = approval.endpoint.rstrip("/") + replicate_path(obj.id, index, segment)
+            digest = hashlib.sha256(body if signed is None else signed).hexdigest()
+            signed_headers = primary.modulars.signer.sign_http_request(
+                "PUT", url, body_sha256=digest,
+                headers={APPROVAL_HEADER: encode(approval_of).hex(), **(headers or {})})
+            async with httpx.AsyncClient(timeout=30) as http:
+                return await http.put(url, content=body, headers=signed_headers)
+
+        good = pieces[0][0]
+        bad = bytes([good[0] ^ 1]) + good[1:]
+        # a body that is not the signed hash: refused, and nothing stored
+        r = await put(0, bad, signed=good)
+        assert (r.status_code, parse_error(r).code) == (400, "ContentSha256Mismatch"), r.text
+        # a piece of the wrong size (declared), and one streamed longer than the piece
+        r = await put(0, good + b"x")
+        assert (r.status_code, parse_error(r).code) == (400, "InvalidArgument"), r.text
+
+        async def longer() -> Any:
+            yield good
+            yield b"tail"
+
+        url = approval.endpoint.rstrip("/") + replicate_path(obj.id, 0, 0)
+        signed_headers = primary.modulars.signer.sign_http_request(
+            "PUT", url, body_sha256=hashlib.sha256(good + b"tail").hexdigest(),
+            headers={APPROVAL_HEADER: encode(approval).hex()})
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.put(url, content=longer(), headers=signed_headers)
+        assert (r.status_code, parse_error(r).code) == (413, "EntityTooLarge"), r.text
+        # another SP's approval, and a segment out of range
+        other = next(a for a in approvals if a.approver != approval.approver)
+        r = await put(0, good, approval_of=other)
+        assert (r.status_code, parse_error(r).code) == (403, "InvalidApproval"), r.text
+        r = await put(3, good)
+        assert (r.status_code, parse_error(r).code) == (400, "InvalidArgument"), r.text
+        assert await store.keys(obj.id) == []
+        assert piece_rows(db_path, obj.id) == []
+        assert target_node.node.ctx.limiter.used("receiver").memory == 0  # type: ignore[union-attr]
+
+        # the real pieces: stored with their checksums, then "done" signs them
+        for segment in range(len(segments)):
+            r = await put(segment, pieces[segment][0])
+            assert r.status_code == 200, r.text
+            assert r.json() == {"stored": len(pieces[segment][0])}
+        assert await store.keys(obj.id) == [f"{obj.id}_s{s}_p0" for s in range(3)]
+        for segment in range(len(segments)):
+            assert await store.get(f"{obj.id}_s{segment}_p0") == pieces[segment][0]
+        assert piece_rows(db_path, obj.id) == [
+            (s, 0, hashlib.sha256(pieces[s][0]).digest()) for s in range(3)]
+        url = approval.endpoint.rstrip("/") + replicate_path(obj.id, 0)
+        done_headers = primary.modulars.signer.sign_http_request(
+            "POST", url, body_sha256=hashlib.sha256(b"").hexdigest(),
+            headers={APPROVAL_HEADER: encode(approval).hex()})
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(url, content=b"", headers=done_headers)
+        assert r.status_code == 200, r.text
+        assert bytes.fromhex(r.json()["integrity_hash"]) == sums[1]
+        assert target_node.node.ctx.limiter.used("receiver").memory == 0  # type: ignore[union-attr]
+        for node in nodes:
+            await node.stop()
+
+
+@pytest.mark.parametrize("accept", ["application/octet-stream",
+                                    "application/json;q=0.5, application/octet-stream"])
+def test_binary_challenge_is_asked_by_accept(accept: str) -> None:
+    from modulars.downloader import wants_binary_challenge
+
+    assert wants_binary_challenge(accept)
+    assert not wants_binary_challenge("application/json")
+    assert not wants_binary_challenge(None)
