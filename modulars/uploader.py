@@ -14,10 +14,11 @@ otherwise every piece written is removed and the upload refused. Progress is kep
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -114,19 +115,24 @@ class Uploader(ModularBase):
         obj, seg_size = task.object, task.params.segment_size
         await self._progress(task, UPLOADING, 0, 0)
         hashes: list[bytes] = []
-        slots = _Slots(min(seg_size, max(obj.size, 1)), SEGMENTS_IN_FLIGHT)
-        send, receive = trio.open_memory_channel[tuple[int, bytearray, int]](
+        send, receive = trio.open_memory_channel[tuple[int, memoryview, int]](
             SEGMENTS_IN_FLIGHT)
         try:
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer, task, receive, hashes, slots)
-                    async with send:
-                        total = await self._cut(stream, seg_size, obj.size, send, slots)
-            except BaseExceptionGroup as group:
-                raise unwrap(group) from None
-            finally:
-                slots.drop()  # the segment buffers go before the manager queues replication
+            # the segment buffers are the piece store's (page-aligned: an O_DIRECT put writes
+            # straight from them), and go before the manager queues replication
+            with contextlib.ExitStack() as buffers:
+                size = min(seg_size, max(obj.size, 1))
+                slots = _Slots(SEGMENTS_IN_FLIGHT,
+                               lambda: buffers.enter_context(self.store.buffer(size)))
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._writer, task, receive, hashes, slots)
+                        async with send:
+                            total = await self._cut(stream, seg_size, obj.size, send, slots)
+                except BaseExceptionGroup as group:
+                    raise unwrap(group) from None
+                finally:
+                    slots.drop()
             if total != obj.size:
                 raise IncompleteUpload(f"got {total} bytes, the object has {obj.size}")
             integrity = integrity_hash(hashes)
@@ -155,12 +161,12 @@ class Uploader(ModularBase):
     # --- the pipeline ---------------------------------------------------------------------
 
     async def _cut(self, stream: AsyncIterator[bytes], seg_size: int, size: int,
-                   send: trio.MemorySendChannel[tuple[int, bytearray, int]],
+                   send: trio.MemorySendChannel[tuple[int, memoryview, int]],
                    slots: _Slots) -> int:
         """Cut the stream into segments, copied once into a slot each and handed to the
         writer; returns the length."""
         total = index = fill = 0
-        slot: bytearray | None = None
+        slot: memoryview | None = None
         async for chunk in stream:
             total += len(chunk)
             if total > size:
@@ -182,7 +188,7 @@ class Uploader(ModularBase):
         return total
 
     async def _writer(self, task: UploadObjectTask,
-                      receive: trio.MemoryReceiveChannel[tuple[int, bytearray, int]],
+                      receive: trio.MemoryReceiveChannel[tuple[int, memoryview, int]],
                       hashes: list[bytes], slots: _Slots) -> None:
         """Hash and durably write each segment (worker threads, in parallel), in order; the
         slot goes back to the cutter once both are done."""
@@ -190,7 +196,7 @@ class Uploader(ModularBase):
         async with receive:
             async for index, slot, length in receive:
                 digest: list[bytes] = []
-                with memoryview(slot)[:length] as segment:
+                with slot[:length] as segment:
 
                     async def hash_it(data: memoryview = segment, out: list[bytes] = digest
                                       ) -> None:
@@ -226,29 +232,29 @@ class Uploader(ModularBase):
 
 
 class _Slots:
-    """At most ``count`` segment buffers of ``size`` bytes for one upload, made on first use
-    and reused: the cutter fills one while the writer hashes and writes another."""
+    """At most ``count`` segment buffers for one upload, made by ``make`` on first use and
+    reused: the cutter fills one while the writer hashes and writes another."""
 
-    def __init__(self, size: int, count: int) -> None:
-        self.size = size
+    def __init__(self, count: int, make: Callable[[], memoryview]) -> None:
         self._made = 0
         self._count = count
-        self._send, self._receive = trio.open_memory_channel[bytearray](count)
+        self._make = make
+        self._send, self._receive = trio.open_memory_channel[memoryview](count)
 
-    async def take(self) -> bytearray:
+    async def take(self) -> memoryview:
         if self._made < self._count:
             try:
                 return self._receive.receive_nowait()
             except trio.WouldBlock:
                 self._made += 1
-                return bytearray(self.size)
+                return self._make()
         return await self._receive.receive()
 
-    def give(self, slot: bytearray) -> None:
+    def give(self, slot: memoryview) -> None:
         self._send.send_nowait(slot)
 
     def drop(self) -> None:
-        """Forget the buffers (they are freed once no task holds one)."""
+        """No more takes or gives (the buffers themselves go with their maker's scope)."""
         self._send.close()
         self._receive.close()
 

@@ -237,6 +237,11 @@ class PieceStore(Protocol):
         """Keys of one object, or all keys (O(n)), sorted by (object, segment, index)."""
         ...
 
+    def buffer(self, size: int) -> contextlib.AbstractContextManager[memoryview]:
+        """A writable buffer of ``size`` bytes to fill and then :meth:`put` (a backend may
+        write it without a copy); valid inside the ``with`` only."""
+        ...
+
     def used_bytes(self) -> int:
         """Bytes held by stored pieces (not counting temporary files)."""
         ...
@@ -380,6 +385,7 @@ class LocalPieceStore:
         self.root = Path(root)
         self.shard_levels = shard_levels
         self.fsync = bool(fsync)
+        self._made_dirs: set[Path] = set()  # shard folders known to exist
         self.min_free_bytes = int(min_free_bytes)
         self._used = 0
         self._opened = False
@@ -478,7 +484,12 @@ class LocalPieceStore:
         return self._shard_dir(pk.object_id) / pk.key
 
     def _ensure_dir(self, leaf: Path) -> None:
-        """Create the shard folders down to ``leaf``; fsync each new folder's parent."""
+        """Create the shard folders down to ``leaf``; fsync each new folder's parent.
+
+        Folders are never removed by the store, so one known to exist is not asked again.
+        """
+        if leaf in self._made_dirs:
+            return
         rel = leaf.relative_to(self.root)
         cur = self.root
         for part in rel.parts:
@@ -489,6 +500,7 @@ class LocalPieceStore:
                 continue
             if self.fsync:
                 _fsync_dir(cur.parent)
+        self._made_dirs.add(leaf)  # a set.add is atomic: safe from the writer threads
 
     # -- per-key lock --
 
@@ -578,6 +590,9 @@ class LocalPieceStore:
             view = view.cast("B")
         try:
             self._ensure_dir(folder)
+            if not folder.is_dir():  # removed behind our back: make it again
+                self._made_dirs.discard(folder)
+                self._ensure_dir(folder)
             if self.direct:
                 try:
                     self._write_direct(tmp, view)

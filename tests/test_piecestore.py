@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -621,3 +622,12 @@ async def test_buffer_is_aligned_and_put_without_a_copy(tmp_path: Path, size: in
     with pytest.raises(ValueError):
         with store.buffer(-1):
             pass
+
+
+async def test_shard_folder_removed_behind_its_back_is_made_again(tmp_path: Path) -> None:
+    store = await _store(tmp_path / "ps")
+    await store.put(segment_key(7, 0), b"a" * 5000)
+    folder = store._path(segment_key(7, 1)).parent
+    shutil.rmtree(folder)  # an operator cleaning up by hand
+    await store.put(segment_key(7, 1), b"b" * 5000)
+    assert await store.get(segment_key(7, 1)) == b"b" * 5000
