@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -70,16 +70,19 @@ class FakeHTTP:
         self.sent: dict[int, int] = {}  # segment -> pieces sent (first round only)
         self.lag = 0  # max segments encoded ahead of the oldest segment not fully sent
 
-    async def put(self, url: str, *, content: bytes, headers: dict[str, str]) -> Response:
+    async def put(self, url: str, *, content: AsyncIterable[memoryview],
+                  headers: dict[str, str]) -> Response:
         await trio.lowlevel.checkpoint()
+        body = b"".join([bytes(chunk) async for chunk in content])  # sent in slices
+        assert len(body) == int(headers["content-length"])
         host = url.split("/")[2]
         *_, object_id, index, segment = url.split("/")
         assert int(object_id) == OBJECT_ID
         exc = self.fail.get((host, int(segment)))
         if exc is not None:
             raise exc
-        assert hashlib.sha256(content).hexdigest() == headers["x-body-sha256"]
-        self.got[(host, int(index), int(segment))] = content
+        assert hashlib.sha256(body).hexdigest() == headers["x-body-sha256"]
+        self.got[(host, int(index), int(segment))] = body
         self.sent[int(segment)] = self.sent.get(int(segment), 0) + 1
         return Response(200)
 
