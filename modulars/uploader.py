@@ -46,6 +46,8 @@ UPLOADING, UPLOADED, FAILED = "UPLOADING", "UPLOADED", "FAILED"
 #: Segment buffers per upload: one being received while the previous one is hashed and written
 #: (the memory ``pre_upload_object`` reserves).
 SEGMENTS_IN_FLIGHT = 2
+#: Seconds between two upload-progress rows of one upload (its end is always written)
+PROGRESS_INTERVAL = 0.5
 
 
 class BadDigest(ServiceError):
@@ -193,6 +195,7 @@ class Uploader(ModularBase):
         """Hash and durably write each segment (worker threads, in parallel), in order; the
         slot goes back to the cutter once both are done."""
         done_bytes = 0
+        last_saved = trio.current_time()
         async with receive:
             async for index, slot, length in receive:
                 digest: list[bytes] = []
@@ -209,7 +212,10 @@ class Uploader(ModularBase):
                 slots.give(slot)
                 hashes.append(digest[0])
                 done_bytes += length
-                await self._progress(task, UPLOADING, index + 1, done_bytes)
+                now = trio.current_time()
+                if now - last_saved >= PROGRESS_INTERVAL:  # a row per segment cost a DB trip
+                    last_saved = now
+                    await self._progress(task, UPLOADING, index + 1, done_bytes)
 
     def _record_integrity(self, conn: sqlite3.Connection, task: UploadObjectTask,
                           integrity: bytes, hashes: list[bytes]) -> None:
