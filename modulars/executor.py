@@ -490,8 +490,12 @@ class _Encoded:
 
 
 async def _chunks(data: bytes) -> AsyncIterator[memoryview]:
-    """``data`` in :data:`SEND_CHUNK` slices: h11 joins what it sends into new bytes, so a
-    whole 4 MiB piece would be copied once per secondary, all at once."""
+    """``data`` in :data:`SEND_CHUNK` slices, as a request body that lets go of it once sent.
+
+    An httpx Response and its stream refer to each other (``BoundAsyncStream``), so a
+    response, its request and a ``bytes`` body live until the cyclic GC runs: the 4 MiB
+    pieces of several segments lingered (peak RSS growth 96 instead of 49 MiB for 1 GiB).
+    A generator body holds the piece only while it is being sent."""
     with memoryview(data) as view:
         for start in range(0, len(view), SEND_CHUNK):
             yield view[start:start + SEND_CHUNK]
