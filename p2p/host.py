@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
@@ -589,6 +590,7 @@ class P2PHost:
         self._handlers: dict[str, Handler] = dict(handlers)
         self._max_inbound = max_inbound_streams
         self.inbound_streams = 0  # being negotiated or served now
+        self.inbound_protocols: Counter[str] = Counter()  # streams served, by protocol
         self._remotes: dict[Any, tuple[str, bytes]] = {}  # libp2p ID -> (base58, public key)
         self._ids: dict[str, ID] = {}  # parsed peer ids (base58 decoding costs ~50 us)
         self._listen_addrs: list[str] = []
@@ -815,6 +817,7 @@ class P2PHost:
                 await stream.reset()
             return
         raw.set_protocol(TProtocol(protocol))
+        self.inbound_protocols[protocol] += 1
         handler = self._handlers.get(protocol)
         if handler is None:
             await self._serve_libp2p(stream, libp2p_handlers[TProtocol(protocol)])

@@ -17,6 +17,7 @@ from typing import Any
 import multiaddr
 import pytest
 import trio
+import trio.testing
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
@@ -239,3 +240,22 @@ async def test_silent_dialer_is_dropped_at_the_negotiation_deadline() -> None:
             answered = bytearray(await read_until_gone(raw))
             assert multistream.take_line(answered) == multistream.HEADER
             assert multistream.take_line(answered) is None
+
+
+async def test_identify_is_answered_but_never_run_between_our_hosts() -> None:
+    with trio.fail_after(DEADLINE):
+        async with (await our_host({ECHO: echo}) as ours,
+                    open_host(PrivateKey(b"\x08" * 32), LISTEN, connect_timeout=5.0,
+                              handlers={ECHO: echo}) as other):
+            for _ in range(3):
+                assert await other.request(ours.peer_id, ours.listen_addrs, ECHO, b"x",
+                                           max_response=MAX, timeout=5.0) == b"echo:x"
+            assert await ours.request(other.peer_id, other.listen_addrs, ECHO, b"y",
+                                      max_response=MAX, timeout=5.0) == b"echo:y"
+            await trio.testing.wait_all_tasks_blocked(0.05)  # any identify would be done
+            assert dict(ours.inbound_protocols) == {ECHO: 3}
+            assert dict(other.inbound_protocols) == {ECHO: 1}
+            async with stock_host() as stock:  # py-libp2p runs identify on connect
+                await connect_stock(stock, ours)
+                await trio.testing.wait_all_tasks_blocked(0.1)  # its identify has run
+                assert ours.inbound_protocols["/ipfs/id/1.0.0"] == 1
