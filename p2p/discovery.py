@@ -60,6 +60,7 @@ class Discovery:
         self._ping_slots = trio.CapacityLimiter(config.max_concurrent_pings)
         self._nursery: trio.Nursery | None = None
         self._pinging: set[str] = set()
+        self._rng = random.Random()  # peer-exchange samples
 
     # --- the responder ------------------------------------------------------------------
 
@@ -99,7 +100,7 @@ class Discovery:
         if limit >= min(len(peers), MAX_PEERS):
             peers.sort(key=lambda p: -p.last_seen)
         else:
-            peers = random.sample(peers, limit)
+            peers = self._rng.sample(peers, limit)
         return tuple(PeerInfo(p.peer_id, p.operator, p.addrs[:MAX_ADDRS])
                      for p in peers[:MAX_PEERS])
 
