@@ -41,14 +41,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -65,7 +63,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from bench.p2p import _LIVE, Child, ChildDied, Fleet, Row, fleet, print_table, proc_cpu, terminate
+from bench.p2p import (
+    Child,
+    ChildDied,
+    Fleet,
+    Row,
+    fleet,
+    print_table,
+    proc_cpu,
+    work_folder,
+)
 from modulars.downloader import decode_challenge, encode_challenge
 from node.config import render_config
 from node.crypto import PrivateKey
@@ -794,23 +801,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.py_spy:
         args.py_spy.mkdir(parents=True, exist_ok=True)
         sizes.pyspy = (os.environ.get("PY_SPY", "/tmp/pyspy/bin/py-spy"), args.py_spy)
-    root = Path(tempfile.mkdtemp(prefix="gfsp-bench-data-"))
     res = Results()
     load_before = _loadavg()
     t0 = time.perf_counter()
     failed = False
-    try:
-        trio.run(_guarded, sizes, root, res)
-    except Exception as exc:  # print what we have, then the failure
-        failed = True
-        res.notes.append(f"the run failed: {type(exc).__name__}: {exc}")
-        log.exception("the run failed")
-    finally:
-        terminate(_LIVE)
-        if args.keep:
-            progress(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    with work_folder("gfsp-bench-data-", keep=args.keep) as root:
+        try:
+            trio.run(_guarded, sizes, root, res)
+        except Exception as exc:  # print what we have, then the failure
+            failed = True
+            res.notes.append(f"the run failed: {type(exc).__name__}: {exc}")
+            log.exception("the run failed")
     print(f"gfsp data bench{' --quick' if args.quick else ''}: {os.cpu_count()} cpus, loopback; "
           f"{N_SPS} SP processes + devchain process, {SEGMENT // MiB} MiB segments, "
           f"{DATA_SHARDS}+{PARITY_SHARDS}, fsync on (node default); loadavg before "

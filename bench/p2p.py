@@ -195,6 +195,21 @@ class Fleet:
 
 
 @contextlib.contextmanager
+def work_folder(prefix: str, *, keep: bool) -> Iterator[Path]:
+    """A temp folder for one benchmark run; on the way out every child ever started is
+    stopped and the folder removed (or kept, and said so)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    finally:
+        terminate(_LIVE)
+        if keep:
+            progress(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def fleet(root: Path) -> Iterator[Fleet]:
     f = Fleet(root)
     try:
@@ -660,17 +675,10 @@ def main(argv: list[str] | None = None) -> int:
         counts.ping_interval = args.ping_interval
     if args.sizes:
         counts.sizes = tuple(int(x) for x in args.sizes.split(",") if x.strip())
-    root = Path(tempfile.mkdtemp(prefix="gfsp-bench-p2p-"))
     load_before = _loadavg()
     t0 = time.perf_counter()
-    try:
+    with work_folder("gfsp-bench-p2p-", keep=args.keep) as root:
         res = trio.run(run_all, counts, root, args.only_convergence)
-    finally:
-        terminate(_LIVE)
-        if args.keep:
-            progress(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     print(f"gfsp p2p bench{' --quick' if args.quick else ''}: {os.cpu_count()} cpus, loopback, "
           f"Noise+Yamux; requests n={counts.requests}, pings n={counts.pings}, "
           f"asks n={counts.asks} per quorum (after {counts.warmup} warm-up calls each); "
