@@ -477,3 +477,38 @@ async def test_inbound_streams_over_the_cap_are_reset() -> None:
             assert server.inbound_streams == 0
             assert await client.request(server.peer_id, server.listen_addrs, ECHO, b"x",
                                         max_response=MAX, timeout=5.0) == b"done"
+
+
+async def test_swarm_announces_connections_but_not_streams() -> None:
+    """py-libp2p's per-stream notifications are skipped (a nursery and a task per notifee
+    each); connection events still reach the swarm's notifees."""
+    events: list[str] = []
+
+    class Recorder:  # duck-types libp2p's INotifee
+        async def opened_stream(self, network: object, stream: object) -> None:
+            events.append("opened_stream")
+
+        async def closed_stream(self, network: object, stream: object) -> None:
+            events.append("closed_stream")
+
+        async def connected(self, network: object, conn: object) -> None:
+            events.append("connected")
+
+        async def disconnected(self, network: object, conn: object) -> None:
+            events.append("disconnected")
+
+        async def listen(self, network: object, multiaddr: object) -> None:
+            events.append("listen")
+
+        async def listen_close(self, network: object, multiaddr: object) -> None:
+            events.append("listen_close")
+
+    with trio.fail_after(DEADLINE):
+        async with two_hosts({ECHO: echo}) as (server, client):
+            server._host.get_network().register_notifee(Recorder())
+            for _ in range(3):
+                assert await request(client, server, b"x") == b"echo:x"
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            assert "connected" in events
+            assert not {"opened_stream", "closed_stream"} & set(events)
+            assert server.inbound_protocols[ECHO] == 3
