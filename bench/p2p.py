@@ -584,7 +584,11 @@ async def bench_convergence(root: Path, n: int, res: Results, interval: float) -
                     converged_at = time.perf_counter()
                     break
                 while marks and elapsed >= marks[0] * interval:
-                    trajectory.append(f"{marks.pop(0):g}p:{missing}")
+                    st = _peer_states(conns)
+                    absent = n * (n - 1) - sum(st.values())
+                    trajectory.append(f"{marks.pop(0):g}p:{missing} (candidate "
+                                      f"{st.get('candidate', 0)}, evicted {st.get('evicted', 0)},"
+                                      f" unknown {absent})")
                 dead = [c.name for c in f.children if c.proc.poll() is not None]
                 if dead:
                     raise ChildDied(f"{', '.join(dead)} exited during convergence")
@@ -592,6 +596,13 @@ async def bench_convergence(root: Path, n: int, res: Results, interval: float) -
             wall = time.perf_counter() - t_ready
             kids = meter.per_call(1)[1]
             states = _peer_states(conns)
+            if converged_at is not None:  # the cost of keeping the mesh: 3 quiet periods
+                steady = CpuMeter([c.proc.pid for c in f.children])
+                await trio.sleep(3 * interval)
+                keep = steady.per_call(1)[1] / (3 * interval)
+                res.notes.append(f"{n} converged nodes then used {keep:.2f} CPU-s/s "
+                                 f"({keep / (os.cpu_count() or 1):.0%} of the cores) to keep "
+                                 f"the mesh (pings every {interval:g} s)")
     finally:
         for conn in conns:
             conn.close()

@@ -84,7 +84,8 @@ class P2PSection:
                                  "node may find its port not yet released).", lo=0, hi=1000)
     listen_retry_interval: Seconds = _f(Seconds(0.5), "Seconds between those tries.",
                                         lo=0.01, hi=60)
-    max_concurrent_pings: int = _f(4, "Pings in flight at once (smooths bursts).",
+    max_concurrent_pings: int = _f(16, "Pings in flight at once, keepalives and first "
+                                       "contacts each (smooths bursts).",
                                    lo=1, hi=10_000)
     max_inbound_streams: int = _f(1024, "Inbound streams negotiated or served at once; more "
                                         "are reset at once.", lo=1, hi=1_000_000)

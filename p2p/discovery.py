@@ -57,7 +57,10 @@ class Discovery:
         self.guard = guard
         self.reserve = reserve
         self.rounds = 0
+        # keepalives and first contacts queue apart: a node learning the network does not
+        # wait behind a round of routine pings to peers it already trusts
         self._ping_slots = trio.CapacityLimiter(config.max_concurrent_pings)
+        self._contact_slots = trio.CapacityLimiter(config.max_concurrent_pings)
         self._nursery: trio.Nursery | None = None
         self._pinging: set[str] = set()
         self._rng = random.Random()  # peer-exchange samples
@@ -120,8 +123,9 @@ class Discovery:
         if rec is None or peer_id in self._pinging:
             return False
         self._pinging.add(peer_id)
+        slots = self._contact_slots if rec.state == CANDIDATE else self._ping_slots
         try:
-            async with self._ping_slots:
+            async with slots:
                 with self.reserve():
                     return await self._ping(rec)
         finally:
@@ -209,6 +213,7 @@ class Discovery:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._flush_state_changes)
                 task_status.started()
                 while True:
                     started = trio.current_time()
@@ -218,6 +223,14 @@ class Discovery:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await self.table.flush()
+
+    async def _flush_state_changes(self) -> None:
+        """Write new peers and state changes to SPDB a tenth of a period after they happen
+        (grouped; ``last_seen`` updates alone wait for the round's flush)."""
+        while True:
+            await self.table.wait_state_change()
+            await trio.sleep(self.cfg.ping_interval / 10)
+            await self.table.flush()
 
     async def ping_round(self) -> None:
         """Ping every known peer once, together (at most ``max_concurrent_pings`` at a time).

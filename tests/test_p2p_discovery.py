@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+
 import trio
 
 from tests.p2pnet import make_sps, start_nodes, wait_until
@@ -59,4 +62,20 @@ async def test_full_peer_list_only_for_a_pinger_new_to_the_answerer(tmp_path):
                     break
             assert {p.peer_id for p in pong.peers} == others
             assert answerer.p2p.table.get(asker.sp.peer_id).state == "trusted"  # and learned
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_new_peer_reaches_spdb_soon_not_at_the_next_round(tmp_path):
+    period = 20.0  # the next round (and its flush) is far off: only the prompt write can pass
+    sps = make_sps(tmp_path, 2, p2p={"ping_interval": period})
+    db_path = sps[0].config().db_path
+
+    def stored() -> dict[str, str]:
+        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as c:
+            return dict(c.execute("SELECT peer_id, state FROM peers"))
+
+    async with trio.open_nursery() as nursery:
+        await start_nodes(nursery, sps)  # sp1 bootstraps from sp0 and pings it at once
+        with trio.fail_after(period / 10 + 5.0):
+            await wait_until(lambda: stored().get(sps[1].peer_id) == "trusted", poll=0.05)
         nursery.cancel_scope.cancel()

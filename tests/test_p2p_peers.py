@@ -1,0 +1,68 @@
+"""The peer table (p2p/peers.py) on a real SPDB file: batched writes, and the signal that
+lets discovery write new peers and state changes soon instead of at the end of a round."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import trio
+
+from node.db import open_spdb
+from p2p.peers import CANDIDATE, TRUSTED, PeerRecord, PeerTable
+
+
+def _rows(path) -> dict[str, str]:
+    with sqlite3.connect(path) as conn:
+        return dict(conn.execute("SELECT peer_id, state FROM peers"))
+
+
+async def _state_change_seen(table: PeerTable) -> bool:
+    with trio.move_on_after(1.0):
+        await table.wait_state_change()
+        return True
+    return False
+
+
+async def test_writes_wait_for_flush_and_reload(tmp_path, autojump_clock):
+    path = tmp_path / "spdb.sqlite"
+    async with open_spdb(path) as db:
+        table = PeerTable(db, self_peer_id="me", max_peers=8)
+        assert await table.put(PeerRecord("a", "0xa", ("/ip4/127.0.0.1/tcp/1",)))
+        assert not await table.put(PeerRecord("me"))  # never ourselves
+        assert _rows(path) == {}
+        await table.flush()
+        assert _rows(path) == {"a": CANDIDATE}
+        await table.mark_alive("a", "0xa", ())
+        await table.flush()
+        assert _rows(path) == {"a": TRUSTED}
+        again = PeerTable(db, self_peer_id="me", max_peers=8)
+        await again.load()
+        rec = again.get("a")
+        assert rec is not None and rec.state == TRUSTED
+        assert rec.addrs == ("/ip4/127.0.0.1/tcp/1",)  # kept: mark_alive had none
+
+
+async def test_new_peer_and_state_change_signal_but_last_seen_does_not(tmp_path,
+                                                                       autojump_clock):
+    async with open_spdb(tmp_path / "spdb.sqlite") as db:
+        table = PeerTable(db, self_peer_id="me", max_peers=8)
+        assert not await _state_change_seen(table)
+        await table.put(PeerRecord("a", "0xa"))
+        assert await _state_change_seen(table)
+        assert not await _state_change_seen(table)  # consumed
+        await table.mark_alive("a", "0xa", ())  # candidate -> trusted
+        assert await _state_change_seen(table)
+        await table.mark_alive("a", "0xa", ())  # trusted again: last_seen only
+        assert not await _state_change_seen(table)
+        await table.mark_missed("a", evict_after=3)  # missed 1, still trusted
+        assert not await _state_change_seen(table)
+
+
+async def test_full_table_refuses_new_peers_but_updates_known_ones(tmp_path, autojump_clock):
+    async with open_spdb(tmp_path / "spdb.sqlite") as db:
+        table = PeerTable(db, self_peer_id="me", max_peers=2)
+        assert await table.put(PeerRecord("a"))
+        assert await table.put(PeerRecord("b"))
+        assert not await table.put(PeerRecord("c"))
+        assert await table.put(PeerRecord("a", state=TRUSTED))
+        assert {p.peer_id for p in table.all()} == {"a", "b"}
