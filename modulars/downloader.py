@@ -112,6 +112,10 @@ __all__ = [
 
 log = logging.getLogger("gfsp.downloader")
 
+#: Bytes per chunk a download yields: below glibc's mmap threshold (1 MiB, node/malloc.py), so
+#: the copies made of a reused segment buffer come from the heap, not from fresh pages.
+YIELD_SLICE = 512 << 10
+
 #: The challenge route (starlette syntax) the gater serves and the fetcher asks.
 CHALLENGE_ROUTE = "/gfsp/v1/challenge/{object_id}/{segment}/{index}"
 #: Length of a SHA-256 digest.
@@ -316,27 +320,47 @@ class _Challenge:
     span: Span | None = None
 
 
+class _Segment:
+    """A segment read for a download: its bytes, and the store buffer holding them (given
+    back by :meth:`close`; a rebuilt segment is plain ``bytes`` and holds nothing)."""
+
+    def __init__(self, data: bytes | memoryview, hold: contextlib.ExitStack | None = None
+                 ) -> None:
+        self.data = data
+        self._hold = hold
+
+    def close(self) -> None:
+        self.data = b""
+        if self._hold is not None:
+            self._hold.close()
+
+
 class _Prefetch:
     """A segment read in the background: :meth:`run` in a nursery, :meth:`result` to wait
-    for it (its error is raised there), :meth:`cancel` when it is no longer wanted."""
+    for it (its error is raised there), :meth:`cancel` when it is no longer wanted (a segment
+    already read is closed then)."""
 
     def __init__(self) -> None:
         self._scope = trio.CancelScope()
         self._done = trio.Event()
-        self._value: bytes | None = None
+        self._value: _Segment | None = None
         self._error: Exception | None = None
+        self._taken = False
 
-    async def run(self, read: Callable[[], Awaitable[bytes]]) -> None:
+    async def run(self, read: Callable[[], Awaitable[_Segment]]) -> None:
         try:
             with self._scope:
                 self._value = await read()
+                if self._taken:  # cancelled while the read finished
+                    self._value.close()
         except Exception as exc:  # noqa: BLE001 - handed to the reader, raised in result()
             self._error = exc
         finally:
             self._done.set()
 
-    async def result(self) -> bytes:
+    async def result(self) -> _Segment:
         await self._done.wait()
+        self._taken = True
         if self._error is not None:
             raise self._error
         if self._value is None:
@@ -345,6 +369,10 @@ class _Prefetch:
 
     def cancel(self) -> None:
         self._scope.cancel()
+        if not self._taken:
+            self._taken = True
+            if self._value is not None:
+                self._value.close()
 
 
 @dataclass
@@ -542,22 +570,28 @@ class Downloader(ModularBase):
             try:
                 for segment in range(first, last + 1):
                     if prefetch is not None:
-                        data = await prefetch.result()
+                        current = await prefetch.result()
                         prefetch = None
                     else:
-                        data = await self._read_segment(obj, params, segment, trusted)
-                    if ahead is not None and segment < last and self._nursery is not None:
-                        # the next segment is read (or rebuilt) while this one is sent
-                        prefetch = _Prefetch()
-                        self._nursery.start_soon(prefetch.run, functools.partial(
-                            self._read_segment, obj, params, segment + 1, trusted))
-                    start = segment * seg_size
-                    chunk = data[max(low - start, 0): high - start + 1]
-                    del data
-                    state.served += len(chunk)
-                    self.stats["bytes_served"] += len(chunk)
-                    yield chunk
-                    del chunk
+                        current = await self._read_segment(obj, params, segment, trusted)
+                    try:
+                        if ahead is not None and segment < last and self._nursery is not None:
+                            # the next segment is read (or rebuilt) while this one is sent
+                            prefetch = _Prefetch()
+                            self._nursery.start_soon(prefetch.run, functools.partial(
+                                self._read_segment, obj, params, segment + 1, trusted))
+                        start = segment * seg_size
+                        wanted = current.data[max(low - start, 0): high - start + 1]
+                        for at in range(0, len(wanted), YIELD_SLICE):
+                            # bytes of their own: the buffer is reused once this segment is
+                            # sent (a slice under glibc's mmap threshold: no fresh pages)
+                            chunk = bytes(wanted[at:at + YIELD_SLICE])
+                            state.served += len(chunk)
+                            self.stats["bytes_served"] += len(chunk)
+                            yield chunk
+                        del wanted, chunk
+                    finally:
+                        current.close()
             finally:
                 if prefetch is not None:
                     prefetch.cancel()
@@ -622,25 +656,34 @@ class Downloader(ModularBase):
         return _Hashes(None, "none", bad)
 
     async def _read_segment(self, obj: ChainObject, params: StorageParams, segment: int,
-                            trusted: _Hashes) -> bytes:
+                            trusted: _Hashes) -> _Segment:
+        """The segment, verified: from the store into one of its reused aligned buffers
+        (``O_DIRECT`` when the store writes that way), else rebuilt from the secondaries."""
         seg_len = params.segment_len(obj.size, segment)
         expected = None if trusted.hashes is None else trusted.hashes[segment]
+        hold = contextlib.ExitStack()
         try:
-            data = await self.store.get(segment_key(obj.id, segment))
+            key = segment_key(obj.id, segment)
+            view = hold.enter_context(self.store.buffer(seg_len))
+            got = await self.store.read_into(key, view)
+            if expected is not None and got == seg_len and \
+                    await self.store.size(key) == seg_len and \
+                    await trio.to_thread.run_sync(sha256, view) == expected:
+                return _Segment(view, hold)
+            reason = "unverifiable" if expected is None else "corrupt"
         except PieceNotFound:
             reason = "missing"
-        else:
-            if expected is not None and len(data) == seg_len and \
-                    await trio.to_thread.run_sync(sha256, data) == expected:
-                return data
-            reason = "unverifiable" if expected is None else "corrupt"
+        except BaseException:
+            hold.close()
+            raise
+        hold.close()
         log.warning("segment %d of object %d is %s: degraded read from the secondaries",
                     segment, obj.id, reason)
         self.stats["degraded_reads"] += 1
         data = await self.recover_segment(obj, params, segment, expected=expected)
         await self._queue_repair(obj, params, segment, data,
                                  fix_meta=trusted.source != "meta")
-        return data
+        return _Segment(data)
 
     async def recover_segment(self, obj: ChainObject, params: StorageParams, segment: int, *,
                               expected: bytes | None = None) -> bytes:

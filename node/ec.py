@@ -35,10 +35,11 @@ class Codec:
         self.m = parity_shards
         self._encoder = zfec.Encoder(self.k, self.k + self.m)
 
-    def encode_blocks(self, blocks: Sequence[bytes]) -> list[bytes]:
+    def encode_blocks(self, blocks: Sequence[bytes | memoryview]
+                      ) -> list[bytes | memoryview]:
         """The ``k + m`` pieces of a segment given as its ``k`` data pieces (each
-        ``piece_size`` bytes, the last zero-padded): the data pieces themselves (the code is
-        systematic), then the ``m`` parity pieces."""
+        ``piece_size`` bytes, the last zero-padded; any buffers): the data pieces themselves,
+        the same objects (the code is systematic), then the ``m`` parity pieces (bytes)."""
         if len(blocks) != self.k:
             raise ValueError(f"need {self.k} data pieces, have {len(blocks)}")
         if len({len(b) for b in blocks}) > 1:

@@ -92,7 +92,7 @@ def flip(data: bytes) -> bytes:
 
 
 class CountingStore:
-    """A piece store wrapper that records the key of every ``get``."""
+    """A piece store wrapper that records the key of every read (``get``, ``read_into``)."""
 
     def __init__(self, inner: LocalPieceStore) -> None:
         self.inner = inner
@@ -101,6 +101,10 @@ class CountingStore:
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         self.gets.append(key)
         return await self.inner.get(key, offset, length)
+
+    async def read_into(self, key: str, view: memoryview, offset: int = 0) -> int:
+        self.gets.append(key)
+        return await self.inner.read_into(key, view, offset)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

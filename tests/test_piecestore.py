@@ -513,7 +513,7 @@ async def test_direct_concurrent_puts_keep_few_buffers(tmp_path: Path) -> None:
             nursery.start_soon(store.put, key, data)
     for key, data in blobs.items():
         assert await store.get(key) == data
-    assert store._buffers.idle_count() <= psmod.DIRECT_IDLE_BUFFERS
+    assert store._buffers.idle() <= psmod.DIRECT_IDLE_BYTES
 
 
 async def test_direct_refused_at_open_falls_back_to_buffered(
@@ -631,3 +631,57 @@ async def test_shard_folder_removed_behind_its_back_is_made_again(tmp_path: Path
     shutil.rmtree(folder)  # an operator cleaning up by hand
     await store.put(segment_key(7, 1), b"b" * 5000)
     assert await store.get(segment_key(7, 1)) == b"b" * 5000
+
+
+# --- read_into and the aligned buffers ----------------------------------------------------------
+
+READ_SIZES = [0, 1, 4095, 4096, 4097, 3 * 4096 + 5, psmod.DIRECT_CHUNK + 123]
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+async def test_read_into_whole_pieces_ranges_and_ends(tmp_path: Path, direct_io: bool) -> None:
+    store = await _store(tmp_path / "ps", direct_io=direct_io)
+    for i, size in enumerate(READ_SIZES):
+        key = segment_key(7, i)
+        data = random.Random(i).randbytes(size)
+        await store.put(key, data)
+        with store.buffer(size + 8192) as view:
+            view[:] = b"\xee" * len(view)  # a reused buffer holds old bytes: never read back
+            assert await store.read_into(key, view) == size
+            assert bytes(view[:size]) == data
+            for offset in (0, 1, 4096, size // 2, size, size + 4096):
+                want = data[offset:offset + 5000]
+                assert await store.read_into(key, view[:5000], offset) == len(want)
+                assert bytes(view[:len(want)]) == want
+        # into a buffer that is not page-aligned (buffered then)
+        odd = bytearray(size + 3)
+        assert await store.read_into(key, memoryview(odd)[3:]) == size
+        assert bytes(odd[3:]) == data
+
+
+async def test_read_into_errors(tmp_path: Path) -> None:
+    store = await _store(tmp_path / "ps")
+    with pytest.raises(PieceNotFound):
+        await store.read_into(segment_key(1, 0), memoryview(bytearray(10)))
+    await store.put(segment_key(1, 0), b"abc")
+    with pytest.raises(InvalidPieceRange):
+        await store.read_into(segment_key(1, 0), memoryview(bytearray(10)), -1)
+    with pytest.raises(ValueError, match="writable"):
+        await store.read_into(segment_key(1, 0), memoryview(b"0123456789"))
+    with pytest.raises(InvalidPieceKey):
+        await store.read_into("../etc/passwd", memoryview(bytearray(10)))
+
+
+def test_aligned_buffers_reuse_by_size_class_within_the_idle_limit() -> None:
+    pool = psmod._AlignedBuffers(1 << 20, idle_bytes=6 << 20)
+    assert [pool.size_class(n) for n in (0, 1, 1 << 20, (1 << 20) + 1, 3 << 20)] == \
+        [1 << 20, 1 << 20, 1 << 20, 2 << 20, 4 << 20]
+    with pool.take(3 << 20) as a:
+        first = id(a)
+        assert len(a) == 4 << 20
+    with pool.take(4 << 20) as b:
+        assert id(b) == first  # the same mapping again: its pages are already there
+    with pool.take(100) as small, pool.take(4 << 20), pool.take(4 << 20):
+        assert len(small) == 1 << 20
+    # given back: 1 MiB + 4 MiB fit the 6 MiB idle limit, the second 4 MiB one did not
+    assert pool.idle() == 5 << 20 and pool.idle_count() == 2
