@@ -417,7 +417,7 @@ class Bench:
         if self.pyspy is None:
             return None
         return subprocess.Popen([self.pyspy[0], "record", "-p", str(pid), "-d", "600", "-r",
-                                 "200", "-f", "raw", "-o", str(out), "--nonblocking"],
+                                 os.environ.get("PY_SPY_RATE", "200"), "-f", "raw", "-o", str(out), "--nonblocking"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     @staticmethod
@@ -780,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions (default 3; --quick 1)")
     parser.add_argument("--py-spy", metavar="DIR", type=Path,
                         help="profile rep 1 with py-spy (PY_SPY env: its binary, default "
-                        "/tmp/pyspy/bin/py-spy) into DIR: the primary during the PUT, the "
+                        "/tmp/pyspy/bin/py-spy; PY_SPY_RATE: samples/s, default 200) into DIR: the primary during the PUT, the "
                         "primary and one secondary from the PUT's answer to sealed, the "
                         "primary during the normal and the degraded GET (raw folded stacks)")
     parser.add_argument("--discard-server", action="store_true", help=argparse.SUPPRESS)

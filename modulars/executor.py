@@ -300,7 +300,21 @@ class TaskExecutor(ModularBase):
             view[length:] = bytes(len(view) - length)  # the last data piece's zero padding
             blocks = [view[i * size:(i + 1) * size] for i in range(codec.k)]
             del view
-            pieces, digests = await trio.to_thread.run_sync(_encode_and_hash, codec, blocks)
+            # two worker threads: one hashes the data pieces while the other computes the
+            # parity pieces and hashes them (this stage sets the pace of replication)
+            digests = [""] * (codec.k + codec.m)
+
+            async def hash_data(data: list[memoryview]) -> None:
+                digests[:codec.k] = await trio.to_thread.run_sync(_hex_digests, data)
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(hash_data, blocks)
+                    pieces = await trio.to_thread.run_sync(codec.encode_blocks, blocks)
+                    digests[codec.k:] = await trio.to_thread.run_sync(_hex_digests,
+                                                                      pieces[codec.k:])
+            except BaseExceptionGroup as group:
+                raise unwrap(group) from None
             del blocks
         except BaseException:
             hold.close()
@@ -526,12 +540,9 @@ async def _chunks(data: bytes | memoryview) -> AsyncIterator[memoryview]:
             yield view[start:start + SEND_CHUNK]
 
 
-def _encode_and_hash(codec: _ObjectCodec, blocks: list[memoryview]
-                     ) -> tuple[list[bytes | memoryview], list[str]]:
-    """The pieces of a segment given as its ``k`` data pieces (what :meth:`Codec.encode`
-    gives for the whole segment) and their SHA-256 (hex)."""
-    pieces = codec.encode_blocks(blocks)
-    return pieces, [hashlib.sha256(p).hexdigest() for p in pieces]
+def _hex_digests(pieces: list[bytes | memoryview]) -> list[str]:
+    """SHA-256 (hex) of each piece (in a worker thread: hashlib lets go of the GIL)."""
+    return [hashlib.sha256(p).hexdigest() for p in pieces]
 
 
 def _last_gc_height(conn: sqlite3.Connection) -> int:
