@@ -416,8 +416,9 @@ class Bench:
     def _spy(self, pid: int, out: Path) -> subprocess.Popen[bytes] | None:
         if self.pyspy is None:
             return None
+        rate = os.environ.get("PY_SPY_RATE", "200")
         return subprocess.Popen([self.pyspy[0], "record", "-p", str(pid), "-d", "600", "-r",
-                                 os.environ.get("PY_SPY_RATE", "200"), "-f", "raw", "-o", str(out), "--nonblocking"],
+                                 rate, "-f", "raw", "-o", str(out), "--nonblocking"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     @staticmethod
@@ -780,9 +781,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions (default 3; --quick 1)")
     parser.add_argument("--py-spy", metavar="DIR", type=Path,
                         help="profile rep 1 with py-spy (PY_SPY env: its binary, default "
-                        "/tmp/pyspy/bin/py-spy; PY_SPY_RATE: samples/s, default 200) into DIR: the primary during the PUT, the "
-                        "primary and one secondary from the PUT's answer to sealed, the "
-                        "primary during the normal and the degraded GET (raw folded stacks)")
+                        "/tmp/pyspy/bin/py-spy; PY_SPY_RATE: samples/s, default 200) into "
+                        "DIR: the primary during the PUT, the primary and one secondary "
+                        "from the PUT's answer to sealed, the primary during the normal "
+                        "and the degraded GET (raw folded stacks)")
     parser.add_argument("--discard-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
