@@ -559,14 +559,15 @@ def _missing(sps: list[SPDir], conns: list[sqlite3.Connection], everyone: set[st
 
 
 async def bench_convergence(root: Path, n: int, res: Results, interval: float) -> None:
-    sps = make_sps(root / f"conv{n}", n, p2p={"ping_interval": interval}, tag=f"c{n}-")
+    sps = make_sps(root / f"conv{n}-{interval:g}s", n, p2p={"ping_interval": interval},
+                   tag=f"c{n}-")
     everyone = {sp.peer_id for sp in sps}
     conns: list[sqlite3.Connection] = []
     limit = 30 * interval + 10.0
     converged_at: float | None = None
     trajectory: list[str] = []
     try:
-        with fleet(root / f"conv{n}-run") as f:
+        with fleet(root / f"conv{n}-{interval:g}s-run") as f:
             t_spawn = time.perf_counter()
             seed = f.spawn(sps[0].dir.name, [*node_command(sps[0]), "--log-level", "warning"])
             await f.wait_ready([seed], 60.0)
