@@ -51,12 +51,13 @@ def is_address(value: object) -> bool:
 class PrivateKey:
     """An ed25519 signing key. Its repr and str never show the secret."""
 
-    __slots__ = ("_sk",)
+    __slots__ = ("_address", "_sk")
 
     def __init__(self, seed: bytes) -> None:
         if len(seed) != 32:
             raise ValueError("an ed25519 seed has 32 bytes")
         self._sk = nacl.signing.SigningKey(seed)
+        self._address: str | None = None
 
     @classmethod
     def generate(cls) -> PrivateKey:
@@ -73,7 +74,9 @@ class PrivateKey:
 
     @property
     def address(self) -> str:
-        return address_of(self.public_key)
+        if self._address is None:  # a SHA-256 each time otherwise (every signed message)
+            self._address = address_of(self.public_key)
+        return self._address
 
     def seed_bytes(self) -> bytes:
         """The 32-byte secret seed (for the key file and the libp2p host key only)."""

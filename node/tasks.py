@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import time
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -786,13 +787,29 @@ def _check_value(tp: Any, value: Any, path: str) -> None:
         raise TaskError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__}")
 
 
+@functools.cache
+def _is_ok(tp: Any) -> Callable[[Any], bool]:
+    """A predicate for :func:`_check_value`'s rule, made once per field type (every task and
+    approval is checked on construction: this is on the approval responder's path)."""
+    origin = typing.get_origin(tp)
+    if origin is tuple or origin is list:
+        item_ok = _is_ok(typing.get_args(tp)[0])
+        return lambda v: isinstance(v, origin) and all(map(item_ok, v))
+    if tp is int:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return lambda v: isinstance(v, float)
+    return lambda v: isinstance(v, tp)
+
+
 def _check_types(obj: Any) -> None:
     cls = type(obj)
     for name, tp in _schema(cls):
-        _check_value(tp, getattr(obj, name), f"{cls.__name__}.{name}")
-    for name, tp in _schema(cls):
-        if tp is int and not -(2**63) <= getattr(obj, name) <= _UINT64_MAX:
-            raise TaskError(f"{cls.__name__}.{name}: {getattr(obj, name)} does not fit 64 bits")
+        value = getattr(obj, name)
+        if not _is_ok(tp)(value):
+            _check_value(tp, value, f"{cls.__name__}.{name}")  # raises, saying where
+        if tp is int and not -(2**63) <= value <= _UINT64_MAX:
+            raise TaskError(f"{cls.__name__}.{name}: {value} does not fit 64 bits")
 
 
 def _to_wire(tp: Any, value: Any) -> Any:
