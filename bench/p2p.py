@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
           f"loadavg before {load_before}, after {_loadavg()}")
     print_table(res.rows)
     print("ratio: to the echo-process request in the same run (median to median, p99 to p99);"
-          f" convergence rows: seconds / ping_interval ({counts.ping_interval:g} s).")
+          " convergence rows: seconds / the row's ping interval.")
     print(f"rows 1-3: the responders are node processes (ping_interval {CLUSTER_PING_INTERVAL:g}"
           " s so that discovery stays quiet), the asker a node inside the bench process;"
           " quorum timeout"
