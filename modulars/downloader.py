@@ -582,14 +582,16 @@ class Downloader(ModularBase):
                                 self._read_segment, obj, params, segment + 1, trusted))
                         start = segment * seg_size
                         wanted = current.data[max(low - start, 0): high - start + 1]
-                        for at in range(0, len(wanted), YIELD_SLICE):
-                            # bytes of their own: the buffer is reused once this segment is
-                            # sent (a slice under glibc's mmap threshold: no fresh pages)
-                            chunk = bytes(wanted[at:at + YIELD_SLICE])
-                            state.served += len(chunk)
-                            self.stats["bytes_served"] += len(chunk)
-                            yield chunk
-                        del wanted, chunk
+                        try:
+                            for at in range(0, len(wanted), YIELD_SLICE):
+                                # bytes of their own: the buffer is reused once this segment
+                                # is sent (a slice under glibc's mmap threshold: no fresh pages)
+                                chunk = bytes(wanted[at:at + YIELD_SLICE])
+                                state.served += len(chunk)
+                                self.stats["bytes_served"] += len(chunk)
+                                yield chunk
+                        finally:
+                            del wanted  # no view of the buffer outlives the segment
                     finally:
                         current.close()
             finally:

@@ -335,6 +335,8 @@ class _AlignedBuffers:
         self.idle_bytes = idle_bytes
         self._free: dict[int, list[mmap.mmap]] = {}
         self._idle = 0
+        #: Buffers taken and not given back yet.
+        self.in_use = 0
         self._lock = threading.Lock()
 
     def size_class(self, size: int) -> int:
@@ -352,12 +354,14 @@ class _AlignedBuffers:
             buf = free.pop() if free else None
             if buf is not None:
                 self._idle -= cls
+            self.in_use += 1
         if buf is None:
             buf = mmap.mmap(-1, cls)
         try:
             yield buf
         finally:
             with self._lock:
+                self.in_use -= 1
                 keep = self._idle + cls <= self.idle_bytes
                 if keep:
                     self._free.setdefault(cls, []).append(buf)

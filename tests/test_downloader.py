@@ -31,6 +31,7 @@ import trio
 
 from modulars.downloader import (
     CHALLENGE_ROUTE,
+    YIELD_SLICE,
     ChallengeResponseError,
     Downloader,
     PieceFetchError,
@@ -792,6 +793,25 @@ async def test_read_ahead_needs_room_in_the_limiter(world: World) -> None:
         world.dl.post_download_object(task)
     await world.dl.wait_background()
     assert limiter.used("downloader").memory == 0
+    assert world.store.inner._buffers.in_use == 0  # the read-ahead's buffer came back too
+
+
+async def test_reads_give_every_store_buffer_back(world: World) -> None:
+    """Segments are read into the store's reused buffers: whole, ranged and degraded reads
+    give them back, and the chunks are bytes of their own, at most YIELD_SLICE long (a view of
+    a reused buffer would change under a caller that keeps chunks: the join below)."""
+    pool = world.store.inner._buffers
+    async with aclosing(world.dl.handle_download_object_task(DownloadObjectTask(
+            object=world.object.info, bucket=world.chain.buckets["bkt"].info, params=PARAMS,
+            low=0, high=SIZE - 1, user_address="0xreader"))) as chunks:
+        got = [chunk async for chunk in chunks]
+    assert b"".join(got) == DATA
+    assert all(type(c) is bytes and 0 < len(c) <= YIELD_SLICE for c in got)
+    assert await world.read(1000, 2100) == DATA[1000:2101]
+    await world.store.delete(segment_key(world.object.id, 1))  # degraded, then repaired
+    assert await world.read() == DATA
+    await world.dl.wait_background()
+    assert pool.in_use == 0 and pool.idle_count() >= 1
 
 
 async def test_missing_integrity_meta_falls_back_then_rebuilds(world: World) -> None:

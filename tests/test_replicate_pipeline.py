@@ -153,6 +153,7 @@ async def test_every_piece_arrives_with_two_segments_in_flight(tmp_path: Path) -
         assert task.secondaries == [f"sp{i}" for i in range(N)]
         assert task.secondary_signatures == [f"sig-sp{i}-{i}".encode() for i in range(N)]
         assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
 
 
 async def test_no_read_ahead_without_memory(tmp_path: Path) -> None:
@@ -169,6 +170,7 @@ async def test_no_read_ahead_without_memory(tmp_path: Path) -> None:
         assert len(http.got) == N * 4
         assert http.lag == 0
         assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
 
 
 async def test_a_failing_secondary_moves_to_a_backup(tmp_path: Path) -> None:
@@ -184,6 +186,7 @@ async def test_a_failing_secondary_moves_to_a_backup(tmp_path: Path) -> None:
             assert piece == want[segment][index]
         assert task.secondaries[2] == f"sp{N}"
         assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
 
 
 async def test_a_failure_mid_pipeline_releases_everything(tmp_path: Path) -> None:
@@ -194,6 +197,7 @@ async def test_a_failure_mid_pipeline_releases_everything(tmp_path: Path) -> Non
             await ex.handle_replicate_piece_task(task)
         assert max(s for (_h, _i, s) in http.got) <= 3  # stopped, not run to the end
         assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
         assert await ex.store.keys(OBJECT_ID) == [segment_key(OBJECT_ID, i) for i in range(6)]
 
 
@@ -206,6 +210,7 @@ async def test_a_missing_segment_fails_cleanly(tmp_path: Path) -> None:
         assert not isinstance(info.value, BaseExceptionGroup)
         assert {s for (_h, _i, s) in http.got} <= {0, 1, 2}
         assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
 
 
 async def test_a_short_segment_is_refused(tmp_path: Path) -> None:
@@ -215,6 +220,7 @@ async def test_a_short_segment_is_refused(tmp_path: Path) -> None:
         with trio.fail_after(20), pytest.raises(ReplicateError, match="not 65536 bytes"):
             await ex.handle_replicate_piece_task(task)
         assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
 
 
 async def test_done_is_asked_of_every_secondary_at_once(tmp_path: Path) -> None:
@@ -248,3 +254,4 @@ async def test_done_is_asked_of_every_secondary_at_once(tmp_path: Path) -> None:
         assert task.secondary_signatures[3] == f"sig-sp{N}-3".encode()
         assert {(i, s) for (h, i, s) in http.got if h == f"sp{N}"} == {(3, s) for s in range(3)}
         assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
