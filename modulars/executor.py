@@ -281,7 +281,7 @@ class TaskExecutor(ModularBase):
     async def _pieces(self, codec: _ObjectCodec, object_id: int, segment: int
                       ) -> tuple[list[bytes | memoryview], list[str], contextlib.ExitStack]:
         """A segment's pieces, their SHA-256 (hex), and what holds them: encoded and hashed
-        in a worker thread.
+        in worker threads.
 
         The segment is read once into one of the store's reused aligned buffers (``O_DIRECT``
         on a store that writes that way: no page cache, no copy, no fresh pages to fault in);
