@@ -37,7 +37,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +391,22 @@ def bind_notify(n: NodeEntry) -> socket.socket | None:
     return sock
 
 
+async def wait_notify_ready(proc: trio.Process, sock: trio.socket.SocketType,
+                            died: Callable[[], Exception]) -> None:
+    """Wait for ``READY=1`` on the process's NOTIFY_SOCKET ``sock``; raise ``died()`` if the
+    process exits first."""
+
+    async def watch() -> None:
+        await proc.wait()
+        raise died()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        while "READY=1" not in (await sock.recv(4096)).decode(errors="replace").splitlines():
+            pass
+        nursery.cancel_scope.cancel()
+
+
 class NodeProc:
     """One node child with the NOTIFY_SOCKET it reports to."""
 
@@ -411,18 +427,9 @@ class NodeProc:
     async def wait_ready(self) -> None:
         proc = self.proc
         assert proc is not None
-
-        async def died() -> None:
-            await proc.wait()
-            raise TestnetError(f"{self.entry.name} exited with {proc.returncode} before "
-                               f"READY=1; {self.entry.log_file}:\n{log_tail(self.entry.log_file)}")
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(died)
-            while "READY=1" not in (await self.sock.recv(4096)).decode(
-                    errors="replace").splitlines():
-                pass
-            nursery.cancel_scope.cancel()
+        await wait_notify_ready(proc, self.sock, lambda: TestnetError(
+            f"{self.entry.name} exited with {proc.returncode} before READY=1; "
+            f"{self.entry.log_file}:\n{log_tail(self.entry.log_file)}"))
         self.ready = True
         write_small_file(self.entry.ready_file, f"{proc.pid} {time.time():.3f}\n")
 

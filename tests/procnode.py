@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from testnet.cli import wait_notify_ready
 from tests.p2pnet import SPDir, node_command, node_process_env, wait_until
 
 
@@ -59,17 +60,9 @@ class ProcNode:
         """Until READY=1 arrives; fails at once (with the child's log) if the child exits."""
         assert self.proc is not None and self.sock is not None
         proc, sock = self.proc, self.sock
-
-        async def died() -> None:
-            await proc.wait()
-            raise AssertionError(f"{self.sp.dir.name} exited with {proc.returncode} before "
-                                 f"READY=1:\n{self.log_tail()}")
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(died)
-            while "READY=1" not in (await sock.recv(4096)).decode().splitlines():
-                pass
-            nursery.cancel_scope.cancel()
+        await wait_notify_ready(proc, sock, lambda: AssertionError(
+            f"{self.sp.dir.name} exited with {proc.returncode} before READY=1:\n"
+            f"{self.log_tail()}"))
 
     def log_tail(self, n: int = 30) -> str:
         try:
