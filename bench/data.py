@@ -74,9 +74,11 @@ from bench.p2p import (
     work_folder,
 )
 from modulars.downloader import decode_challenge, encode_challenge
-from node.config import render_config
+from modulars.gater.server import set_receive_size
+from node.config import GaterSection, render_config
 from node.crypto import PrivateKey
 from node.ec import Codec
+from node.malloc import release_large_buffers
 from node.piecestore import LocalPieceStore, segment_key
 from testnet.client import GfspClient, _file_chunks
 from tests.p2pnet import SPDir, make_chain_sps, node_command, register_on_chain
@@ -149,7 +151,10 @@ def server_config() -> hypercorn.config.Config:
 
 
 async def discard_server_main() -> None:
-    """Child mode: READY=1 and ADDR=<http endpoint> go to NOTIFY_SOCKET."""
+    """Child mode: READY=1 and ADDR=<http endpoint> go to NOTIFY_SOCKET. The process is set
+    up as a node's is (malloc thresholds, hypercorn's receive size)."""
+    release_large_buffers()
+    set_receive_size(int(GaterSection().recv_bytes))
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:

@@ -118,6 +118,9 @@ class GaterSection:
                                     lo=1, hi=7 * 86400)
     drain_timeout: Seconds = _f(Seconds(10.0), "Seconds to finish requests on shutdown.",
                                 lo=0, hi=3600)
+    recv_bytes: ByteSize = _f(ByteSize(512 * KiB), "Most bytes read from a connection at once "
+                              "(keep under 1 MiB, the mmap threshold of node/malloc.py).",
+                              lo=4 * KiB, hi=1 * MiB)
 
 
 @dataclass(frozen=True)

@@ -21,21 +21,23 @@ import secrets
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+import hypercorn.trio.tcp_server
 import pytest
 import trio
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from modulars.gater import Gater
-from modulars.gater.app import AuthOpType
+from modulars.gater.app import AuthOpType, Call, RouteSpec
 from modulars.gater.body import BodyStream
+from modulars.gater.server import set_receive_size
 from node import chain_msgs
 from node.app import build_limiter
 from node.auth import parse_query, payload_sha256, quote_path, sign_request
@@ -668,6 +670,49 @@ async def test_body_stream_checks_the_hash_before_it_ends() -> None:
     assert (e.value.code, e.value.status) == ("EntityTooLarge", 413)
     unsigned = BodyStream(_chunks(b"x"), limit=6, expected_sha256=None)
     assert await unsigned.read() == b"x"
+
+
+@pytest.fixture
+def keep_receive_size() -> Iterator[None]:
+    """Gater.serve sets hypercorn's process-wide receive size: put the old one back."""
+    before = hypercorn.trio.tcp_server.MAX_RECV
+    yield
+    hypercorn.trio.tcp_server.MAX_RECV = before
+
+
+async def test_bodies_arrive_in_reads_of_recv_bytes(nursery: trio.Nursery,
+                                                    keep_receive_size: None) -> None:
+    """A connection is read ``gater.recv_bytes`` at a time (hypercorn's own reads are 64 KiB:
+    a body went through h11 and the ASGI channel every 64 KiB)."""
+    sizes: list[int] = []
+
+    async def count(call: Call) -> Any:
+        async for chunk in call.body:
+            sizes.append(len(chunk))
+        return {"received": sum(sizes)}
+
+    route = RouteSpec("PUT", "/count", count, "count", "count the chunks", public=True,
+                      body="stream")
+    for recv in (256 * 1024, 16 * 1024):
+        config = gater_config(recv_bytes=recv)
+        ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
+                          keys=new_keyset())
+        gater = Gater(ctx, routes=(route,))
+        await nursery.start(gater.serve)
+        assert hypercorn.trio.tcp_server.MAX_RECV == recv
+        sizes.clear()
+        body = secrets.token_bytes(4 << 20)
+        with trio.fail_after(TIMEOUT):
+            async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+                r = await http.put(f"{gater.endpoint}/count", content=body)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"received": len(body)}
+        assert max(sizes) <= recv
+        # over loopback a 4 MiB body mostly arrives in full reads
+        assert max(sizes) > recv // 2, sizes
+        await gater.drain()
+    with pytest.raises(ValueError):
+        set_receive_size(0)
 
 
 # --- routes (fakes) --------------------------------------------------------------------------
