@@ -89,7 +89,7 @@ from node.errors import (
     TaskError,
 )
 from node.modular import ModularBase, NodeContext
-from node.piecestore import PieceNotFound, piece_key, segment_key
+from node.piecestore import PieceNotFound, piece_key, read_hashed, segment_key
 from node.rcmgr import Span
 from node.tasks import ChallengePieceTask, DownloadObjectTask, StorageParams, Task
 
@@ -668,10 +668,10 @@ class Downloader(ModularBase):
         try:
             key = segment_key(obj.id, segment)
             view = hold.enter_context(self.store.buffer(seg_len))
-            got = await self.store.read_into(key, view)
-            if expected is not None and got == seg_len and \
-                    await self.store.size(key) == seg_len and \
-                    await trio.to_thread.run_sync(sha256, view) == expected:
+            # read and hash overlap (block by block)
+            got, digest = await read_hashed(self.store, key, view)
+            if expected is not None and got == seg_len and digest == expected and \
+                    await self.store.size(key) == seg_len:
                 return _Segment(view, hold)
             reason = "unverifiable" if expected is None else "corrupt"
         except PieceNotFound:

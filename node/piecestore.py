@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import trio
 
-from node.errors import GfspError
+from node.errors import GfspError, unwrap
 
 if TYPE_CHECKING:
     from node.config import Config
@@ -878,6 +878,50 @@ class LocalPieceStore:
 
 def _sha256(view: memoryview) -> bytes:
     return hashlib.sha256(view).digest()
+
+
+#: Block size of :func:`read_hashed`: reading a block overlaps hashing the one before it.
+HASHED_READ_BLOCK = 2 << 20
+
+
+async def read_hashed(store: PieceStore, key: str, view: memoryview,
+                      block: int = HASHED_READ_BLOCK) -> tuple[int, bytes]:
+    """Read piece ``key`` from its start into ``view`` (as :meth:`PieceStore.read_into`:
+    at most ``len(view)`` bytes) and hash what was read: ``(bytes read, SHA-256)``.
+
+    Block ``i`` is hashed in a worker thread while block ``i + 1`` is read, so the two take
+    about as long as the slower of them rather than their sum (a 16 MiB segment here: ~12 ms
+    to read with ``O_DIRECT``, ~10 ms to hash). ``block`` is a multiple of 4096, so every
+    block of a view from :meth:`PieceStore.buffer` stays aligned for ``O_DIRECT``.
+    """
+    if block <= 0 or block % DIRECT_ALIGN:
+        raise ValueError(f"block must be a positive multiple of {DIRECT_ALIGN}, not {block!r}")
+    hasher = hashlib.sha256()
+    send, receive = trio.open_memory_channel[memoryview](1)
+
+    async def hash_blocks() -> None:
+        async with receive:
+            async for part in receive:
+                with part:
+                    await trio.to_thread.run_sync(hasher.update, part)
+
+    got = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hash_blocks)
+            async with send:
+                while got < len(view):
+                    want = min(block, len(view) - got)
+                    with view[got:got + want] as part:
+                        n = await store.read_into(key, part, got)
+                    if n:
+                        await send.send(view[got:got + n])
+                    got += n
+                    if n < want:  # the end of the piece
+                        break
+    except BaseExceptionGroup as group:
+        raise unwrap(group) from None
+    return got, hasher.digest()
 
 
 class _PartialUnlink(Exception):

@@ -30,6 +30,7 @@ from node.piecestore import (
     open_piecestore,
     parse_key,
     piece_key,
+    read_hashed,
     segment_key,
 )
 
@@ -670,6 +671,38 @@ async def test_read_into_errors(tmp_path: Path) -> None:
         await store.read_into(segment_key(1, 0), memoryview(b"0123456789"))
     with pytest.raises(InvalidPieceKey):
         await store.read_into("../etc/passwd", memoryview(bytearray(10)))
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+async def test_read_hashed_reads_and_hashes_block_by_block(tmp_path: Path,
+                                                           direct_io: bool) -> None:
+    store = await _store(tmp_path / "ps", direct_io=direct_io)
+    block = 8192
+    for i, size in enumerate((0, 1, block - 1, block, block + 1, 3 * block, 5 * block + 77)):
+        key = segment_key(9, i)
+        data = random.Random(size).randbytes(size)
+        await store.put(key, data)
+        for extra in (0, 4096):  # a view the piece's size, and a longer one
+            with store.buffer(size + extra) as view:
+                view[:] = b"\xee" * len(view)
+                got, digest = await read_hashed(store, key, view, block)
+                assert got == size and bytes(view[:size]) == data
+                assert digest == hashlib.sha256(data).digest()
+        if size > 1:  # a view shorter than the piece: that much is read and hashed
+            with store.buffer(size - 1) as view:
+                got, digest = await read_hashed(store, key, view, block)
+                assert (got, digest) == (size - 1, hashlib.sha256(data[:-1]).digest())
+    assert store._buffers.in_use == 0  # no view of a pooled buffer was kept
+
+
+async def test_read_hashed_errors(tmp_path: Path) -> None:
+    store = await _store(tmp_path / "ps")
+    with store.buffer(10) as view:
+        with pytest.raises(PieceNotFound):  # not wrapped in an exception group
+            await read_hashed(store, segment_key(1, 0), view)
+        for bad in (0, -4096, 4097):
+            with pytest.raises(ValueError, match="multiple of 4096"):
+                await read_hashed(store, segment_key(1, 0), view, bad)
 
 
 def test_aligned_buffers_reuse_by_size_class_within_the_idle_limit() -> None:
