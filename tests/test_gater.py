@@ -707,9 +707,9 @@ async def test_bodies_arrive_in_reads_of_recv_bytes(nursery: trio.Nursery,
                 r = await http.put(f"{gater.endpoint}/count", content=body)
         assert r.status_code == 200, r.text
         assert r.json() == {"received": len(body)}
-        assert max(sizes) <= recv
-        # over loopback a 4 MiB body mostly arrives in full reads
-        assert max(sizes) > recv // 2, sizes
+        # no read is over the setting (at 16 KiB this fails with hypercorn's own 64 KiB:
+        # a 4 MiB body over loopback arrives in reads of 64 KiB)
+        assert max(sizes) <= recv, sizes
         await gater.drain()
     with pytest.raises(ValueError):
         set_receive_size(0)
