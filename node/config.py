@@ -198,6 +198,9 @@ class UploaderSection:
 class DownloaderSection:
     max_concurrent: int = _f(256, "Downloads in flight at once.", lo=1)
     degraded_read_timeout: Seconds = _f(Seconds(30.0), "Deadline to fetch EC pieces.", lo=0.1)
+    object_cache_ttl: Seconds = _f(Seconds(1.0), "Seconds a sealed object read from the chain "
+                                   "is reused for challenges and downloads (0: never).",
+                                   lo=0, hi=60)
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,8 @@ class Codec:
                   for i in range(self.k)]
         return list(self._encoder.encode(blocks))
 
-    def decode(self, pieces: Mapping[int, bytes], segment_len: int) -> bytes:
-        """The segment from any ``k`` pieces (index -> bytes)."""
+    def decode(self, pieces: Mapping[int, bytes | memoryview], segment_len: int) -> bytes:
+        """The segment from any ``k`` pieces (index -> any buffer)."""
         if len(pieces) < self.k:
             raise ValueError(f"need {self.k} pieces, have {len(pieces)}")
         chosen = sorted(pieces)[: self.k]
@@ -65,6 +65,28 @@ class Codec:
             data = zfec.Decoder(self.k, self.k + self.m).decode(
                 [pieces[i] for i in chosen], chosen)
         return b"".join(data)[:segment_len]
+
+
+    def decode_into(self, pieces: Mapping[int, bytes | memoryview], out: memoryview) -> None:
+        """Write the segment of ``len(out)`` bytes rebuilt from any ``k`` pieces into
+        ``out`` (no segment-sized allocation: only missing data pieces are computed)."""
+        if len(pieces) < self.k:
+            raise ValueError(f"need {self.k} pieces, have {len(pieces)}")
+        chosen = sorted(pieces)[: self.k]
+        if chosen == list(range(self.k)):
+            data = [pieces[i] for i in chosen]
+        else:
+            data = zfec.Decoder(self.k, self.k + self.m).decode(
+                [pieces[i] for i in chosen], chosen)
+        at = 0
+        for block in data:
+            n = min(len(block), len(out) - at)
+            with memoryview(block) as view:
+                out[at:at + n] = view[:n]
+            at += n
+        if at != len(out):
+            raise ValueError(f"{self.k} pieces of {len(data[0])} bytes make no segment of "
+                             f"{len(out)} bytes")
 
 
 def sha256(data: bytes | memoryview) -> bytes:

@@ -15,6 +15,7 @@ Two worlds, both with a real SPDB and a real LocalPieceStore under tmp_path:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -286,7 +287,8 @@ class ChainWorld:
         return next(n for n in self.secondaries if n.sp.address == operator)
 
     async def fetch_in_process(self, operator: str, endpoint: str, object_id: int,
-                               segment: int, index: int) -> tuple[bytes, list[bytes], bytes]:
+                               segment: int, index: int, hold: contextlib.ExitStack
+                               ) -> tuple[bytes, list[bytes], bytes]:
         """A fetcher that asks the secondary's own downloader, through the JSON format."""
         node = self.by_operator(operator)
         assert endpoint == node.sp.endpoint
@@ -516,7 +518,10 @@ class FakeChain:
                      if (o.bucket, o.name) == (bucket, name)), None)
 
     async def get_object_by_id(self, object_id: int) -> ChainObject | None:
+        self.object_reads += 1
         return self.objects.get(object_id)
+
+    object_reads = 0
 
 
 @dataclass
@@ -531,7 +536,7 @@ class FakeSecondaries:
     calls: list[tuple[int, int]] = field(default_factory=list)  # (segment, index)
 
     async def fetch(self, operator: str, endpoint: str, object_id: int, segment: int,
-                    index: int) -> tuple[bytes, list[bytes], bytes]:
+                    index: int, hold: contextlib.ExitStack) -> tuple[bytes, list[bytes], bytes]:
         obj = self.chain.objects[object_id]
         assert operator == obj.secondaries[index]
         assert endpoint == self.chain.sps[operator].endpoint
@@ -974,6 +979,34 @@ async def test_secondary_challenge_checks_its_own_data(world: World) -> None:
     expect(info, "InternalError", 500)
 
 
+async def test_sealed_objects_are_reused_for_a_moment(world: World,
+                                                       autojump_clock: trio.testing.MockClock
+                                                       ) -> None:
+    """A challenge asked the chain for its object twice and a degraded read sends one
+    challenge per piece: a sealed object is reused for ``downloader.object_cache_ttl``."""
+    chain, oid = world.chain, world.object.id
+    chain.object_reads = 0
+    for _ in range(3):
+        await challenge(world.dl, oid, 1, -1)
+    assert chain.object_reads == 1
+    await trio.sleep(world.dl.cfg.object_cache_ttl)  # then asked again
+    await challenge(world.dl, oid, 1, -1)
+    assert chain.object_reads == 2
+    # an object that is not sealed is asked every time (sealed a moment later: seen at once)
+    unsealed = dataclasses.replace(world.object, id=oid + 50, status="CREATED")
+    chain.objects[unsealed.id] = unsealed
+    for _ in range(2):
+        with pytest.raises(ServiceError) as info:
+            await challenge(world.dl, unsealed.id, 1, -1)
+        assert info.value.code == "InvalidObjectState"
+    assert chain.object_reads == 2 + 4
+    del chain.objects[unsealed.id]
+    world.dl.cfg = dataclasses.replace(world.dl.cfg, object_cache_ttl=0)  # 0: never reused
+    await challenge(world.dl, oid, 1, -1)
+    await challenge(world.dl, oid, 1, -1)
+    assert chain.object_reads == 6 + 4
+
+
 async def test_http_fetcher_signs_and_decodes(world: World) -> None:
     """The default fetcher against a mock transport (the real route is the e2e tests')."""
     oid, seen = world.object.id, []
@@ -993,6 +1026,20 @@ async def test_http_fetcher_signs_and_decodes(world: World) -> None:
                                   content=b"".join(parts))
         if request.url.path.endswith("/2/0"):
             return httpx.Response(200, content=b"x" * 10_000_000)
+        if request.url.path.endswith("/2/1"):  # an answer shorter than its length
+            return httpx.Response(200, headers={"content-length": "100"}, content=b"x" * 10)
+        if request.url.path.endswith("/3/1"):  # no length: read as it comes, under the cap
+            sums = [sha256(p[1]) for p in PIECES]
+            headers, parts = encode_challenge_binary(PIECES[3][1], sums, integrity_hash(sums))
+            del headers["content-length"]
+
+            async def stream() -> AsyncIterator[bytes]:
+                for part in parts:
+                    yield part
+
+            return httpx.Response(200, headers={**headers,
+                                                "content-type": "application/octet-stream"},
+                                  content=stream())
         return httpx.Response(403, json={"code": "AccessDenied"})
 
     dl = Downloader(world.ctx)
@@ -1005,6 +1052,17 @@ async def test_http_fetcher_signs_and_decodes(world: World) -> None:
             await dl.fetch_piece(sp.address, sp.endpoint, oid, 3, 0)
         with pytest.raises(PieceFetchError, match="over"):
             await dl.fetch_piece(sp.address, sp.endpoint, oid, 2, 0)
+        with pytest.raises(PieceFetchError, match="its length says 100"):
+            await dl.fetch_piece(sp.address, sp.endpoint, oid, 2, 1)
+        unsized = await dl.fetch_piece(sp.address, sp.endpoint, oid, 3, 1)
+        assert unsized[0] == PIECES[3][1]
+        # with a hold, the answer goes into one of the piece store's reused buffers
+        pool = world.store.inner._buffers
+        with contextlib.ExitStack() as hold:
+            pooled = await dl.fetch_piece(sp.address, sp.endpoint, oid, 1, 1, hold)
+            assert pooled == binary and pool.in_use == 1
+            del pooled
+        assert pool.in_use == 0
     assert piece == PIECES[1][0] and integrity == CHECKSUMS[1]
     request = seen[0]
     assert str(request.url) == sp.endpoint + challenge_path(oid, 1, 0)

@@ -29,6 +29,27 @@ def test_the_code_is_systematic() -> None:
     assert b"".join(pieces[:4])[: len(data)] == data
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.binary(min_size=1, max_size=3000), st.integers(1, 5), st.integers(0, 3))
+def test_decode_into_writes_the_segment_from_any_k_pieces(data: bytes, k: int, m: int) -> None:
+    codec = Codec(k, m)
+    pieces = codec.encode(data)
+    for chosen in itertools.islice(itertools.combinations(range(k + m), k), 6):
+        out = bytearray(b"\xee" * len(data))  # old bytes never show through
+        with memoryview(out) as view:  # pieces given as views, as the downloader has them
+            codec.decode_into({i: memoryview(pieces[i]) for i in chosen}, view)
+        assert bytes(out) == data
+
+
+def test_decode_into_refuses_a_segment_the_pieces_cannot_fill() -> None:
+    codec = Codec(4, 2)
+    pieces = codec.encode(b"x" * 100)  # 4 pieces of 25 bytes
+    with pytest.raises(ValueError, match="make no segment of 101 bytes"):
+        codec.decode_into(dict(enumerate(pieces[:4])), memoryview(bytearray(101)))
+    with pytest.raises(ValueError, match="need 4 pieces"):
+        codec.decode_into({0: pieces[0]}, memoryview(bytearray(100)))
+
+
 def test_too_few_pieces_is_an_error() -> None:
     codec = Codec(4, 2)
     pieces = codec.encode(b"x" * 100)
