@@ -54,30 +54,27 @@ class Codec:
                   for i in range(self.k)]
         return list(self._encoder.encode(blocks))
 
-    def decode(self, pieces: Mapping[int, bytes | memoryview], segment_len: int) -> bytes:
-        """The segment from any ``k`` pieces (index -> any buffer)."""
+    def data_pieces(self, pieces: Mapping[int, bytes | memoryview]
+                    ) -> Sequence[bytes | memoryview]:
+        """The ``k`` data pieces, from any ``k`` pieces (index -> any buffer): given ones as
+        they are, missing ones computed."""
         if len(pieces) < self.k:
             raise ValueError(f"need {self.k} pieces, have {len(pieces)}")
         chosen = sorted(pieces)[: self.k]
         if chosen == list(range(self.k)):
-            data = [pieces[i] for i in chosen]
-        else:
-            data = zfec.Decoder(self.k, self.k + self.m).decode(
-                [pieces[i] for i in chosen], chosen)
-        return b"".join(data)[:segment_len]
+            return [pieces[i] for i in chosen]
+        return list(zfec.Decoder(self.k, self.k + self.m).decode(
+            [pieces[i] for i in chosen], chosen))
+
+    def decode(self, pieces: Mapping[int, bytes | memoryview], segment_len: int) -> bytes:
+        """The segment from any ``k`` pieces (index -> any buffer)."""
+        return b"".join(self.data_pieces(pieces))[:segment_len]
 
 
     def decode_into(self, pieces: Mapping[int, bytes | memoryview], out: memoryview) -> None:
         """Write the segment of ``len(out)`` bytes rebuilt from any ``k`` pieces into
         ``out`` (no segment-sized allocation: only missing data pieces are computed)."""
-        if len(pieces) < self.k:
-            raise ValueError(f"need {self.k} pieces, have {len(pieces)}")
-        chosen = sorted(pieces)[: self.k]
-        if chosen == list(range(self.k)):
-            data = [pieces[i] for i in chosen]
-        else:
-            data = zfec.Decoder(self.k, self.k + self.m).decode(
-                [pieces[i] for i in chosen], chosen)
+        data = self.data_pieces(pieces)
         at = 0
         for block in data:
             n = min(len(block), len(out) - at)
