@@ -511,6 +511,8 @@ async def test_degraded_read_rebuilds_and_repairs_primary(tmp_path, nursery):
             assert await store.get(segment_key(oid, 1)) == segs[1]
             assert await store.get(segment_key(oid, 3)) == segs[3]
             assert downloader.stats["repairs"] >= 2
+            # the pieces fetched (real HTTP) and the rebuilt segments went back to the pool
+            assert store._buffers.in_use == 0
             for seg in (1, 3):
                 piece, checksums, integrity = await client.challenge(
                     cluster.sps[0].info().endpoint, oid, seg, -1)
