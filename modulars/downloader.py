@@ -925,9 +925,17 @@ class Downloader(ModularBase):
         share = hold.share() if hold is not None else None
         if self._nursery is None:
             await self._repair(obj, params, segment, data, fix_meta, span, share)
-        else:
+            return
+        try:
             self._nursery.start_soon(self._repair, obj, params, segment, data, fix_meta, span,
                                      share)
+        except RuntimeError as exc:  # the nursery is closing (shutdown): no repair
+            span.done()
+            if share is not None:
+                share.close()
+            self._end_repair(key)
+            self.stats["repairs_skipped"] += 1
+            log.info("repair of segment %d of object %d not queued: %s", segment, obj.id, exc)
 
     async def _repair(self, obj: ChainObject, params: StorageParams, segment: int,
                       data: bytes | memoryview, fix_meta: bool, span: Span,

@@ -979,6 +979,25 @@ async def test_secondary_challenge_checks_its_own_data(world: World) -> None:
     expect(info, "InternalError", 500)
 
 
+async def test_a_repair_not_queued_at_shutdown_keeps_nothing(world: World) -> None:
+    """A degraded read during shutdown (the downloader's nursery closed to new tasks) serves
+    the segment but queues no repair: its buffer share and memory go back at once."""
+    pool = world.store.inner._buffers
+    obj, seg = world.chain.objects[world.object.id], 1
+    data, shared = await world.dl._recover_pooled(obj, PARAMS, seg, None)
+    async with trio.open_nursery() as closed:
+        pass
+    world.dl._nursery = closed
+    await world.dl._queue_repair(obj, PARAMS, seg, data, fix_meta=False, hold=shared)
+    assert world.dl.stats["repairs_skipped"] == 1 and not world.dl._repairing
+    assert world.ctx.limiter.used("downloader").memory == 0
+    assert bytes(data) == SEGMENTS[seg]  # still the reader's
+    del data
+    shared.close()
+    assert pool.in_use == 0
+    await world.dl.wait_background()  # nothing left running
+
+
 async def test_sealed_objects_are_reused_for_a_moment(world: World,
                                                        autojump_clock: trio.testing.MockClock
                                                        ) -> None:
