@@ -333,7 +333,7 @@ class _Challenge:
 
 class _Segment:
     """A segment read for a download: its bytes, and the store buffer holding them (given
-    back by :meth:`close`; a rebuilt segment is plain ``bytes`` and holds nothing)."""
+    back by :meth:`close`; a rebuilt segment's buffer is shared with its repair)."""
 
     def __init__(self, data: bytes | memoryview,
                  hold: contextlib.ExitStack | _Shared | None = None) -> None:
@@ -765,12 +765,13 @@ class Downloader(ModularBase):
         try:
             view = hold.enter_context(self.store.buffer(seg_len))
             fetched = await self._gather_pieces(obj, params, segment)
+            pieces: dict[int, bytes | memoryview] = {}
             try:
                 pieces = {f.index: f.piece for f in fetched if f.piece is not None}
                 codec = self._codec(params)
                 await trio.to_thread.run_sync(codec.decode_into, pieces, view)
-                del pieces
             finally:
+                pieces.clear()  # no view of a piece's buffer outlives its hold
                 for f in fetched:
                     f.close()
             if expected is not None and await trio.to_thread.run_sync(sha256, view) != expected:
