@@ -70,7 +70,6 @@ class Codec:
         """The segment from any ``k`` pieces (index -> any buffer)."""
         return b"".join(self.data_pieces(pieces))[:segment_len]
 
-
     def decode_into(self, pieces: Mapping[int, bytes | memoryview], out: memoryview) -> None:
         """Write the segment of ``len(out)`` bytes rebuilt from any ``k`` pieces into
         ``out`` (no segment-sized allocation: only missing data pieces are computed)."""

@@ -890,8 +890,8 @@ async def read_hashed(store: PieceStore, key: str, view: memoryview,
     at most ``len(view)`` bytes) and hash what was read: ``(bytes read, SHA-256)``.
 
     Block ``i`` is hashed in a worker thread while block ``i + 1`` is read, so the two take
-    about as long as the slower of them rather than their sum (a 16 MiB segment here: ~12 ms
-    to read with ``O_DIRECT``, ~10 ms to hash). ``block`` is a multiple of 4096, so every
+    about as long as the slower of them rather than their sum (a 16 MiB segment here:
+    12-19 ms to read with ``O_DIRECT``, ~10 ms to hash). ``block`` is a multiple of 4096, so every
     block of a view from :meth:`PieceStore.buffer` stays aligned for ``O_DIRECT``.
     """
     if block <= 0 or block % DIRECT_ALIGN:
