@@ -1049,9 +1049,12 @@ class Downloader(ModularBase):
         span = self._reserve(task.estimate().memory, task.priority)
         self._challenges[id(task)] = _Challenge(task, obj, span)
 
-    async def handle_challenge_piece(self, task: ChallengePieceTask
-                                     ) -> tuple[bytes, list[bytes], bytes]:
-        """``(piece, checksums, integrity_hash)``; 500 (logged) when this SP's data is bad."""
+    async def handle_challenge_piece(self, task: ChallengePieceTask,
+                                     hold: contextlib.ExitStack | None = None
+                                     ) -> tuple[bytes | memoryview, list[bytes], bytes]:
+        """``(piece, checksums, integrity_hash)``; 500 (logged) when this SP's data is bad.
+        With a ``hold``, the piece is read (and hashed at the same time) into one of the
+        piece store's reused buffers, entered into ``hold``: close it once the piece is sent."""
         state = self._challenges.get(id(task))
         obj = (state.chain_object if state is not None
                else await self._sealed_object(task.object.id, "challenge"))
@@ -1062,8 +1065,13 @@ class Downloader(ModularBase):
         count = params.segment_count(obj.size)
         checksums, _, _ = await self.ctx.db.run(
             lambda c: _trusted_list(c, obj.id, index, count, expected))
+        data: bytes | memoryview | None = None
+        digest: bytes | None = None
         try:
-            data = await self.store.get(key)
+            if hold is None:
+                data = await self.store.get(key)
+            else:
+                data, digest = await self._read_pooled(key, hold)
         except PieceNotFound:
             data = None
         problem = ""
@@ -1071,8 +1079,8 @@ class Downloader(ModularBase):
             problem = "its checksum list does not verify against the chain"
         elif data is None:
             problem = "the piece is missing"
-        elif not 0 <= segment < len(checksums) or \
-                await trio.to_thread.run_sync(sha256, data) != checksums[segment]:
+        elif not 0 <= segment < len(checksums) or (
+                digest or await trio.to_thread.run_sync(sha256, data)) != checksums[segment]:
             problem = "the piece does not match its checksum"
         if problem:
             self.stats["challenge_failures"] += 1
@@ -1082,6 +1090,16 @@ class Downloader(ModularBase):
             raise ServiceError("InternalError", f"piece {key}: {problem}", 500)
         assert data is not None and checksums is not None
         return data, checksums, expected
+
+    async def _read_pooled(self, key: str, hold: contextlib.ExitStack
+                           ) -> tuple[memoryview, bytes]:
+        """A whole piece in a reused store buffer (entered into ``hold``) and its SHA-256."""
+        size = await self.store.size(key)
+        if size is None:
+            raise PieceNotFound(key)
+        view = hold.enter_context(self.store.buffer(size))
+        got, digest = await read_hashed(self.store, key, view)
+        return view[:got], digest
 
     def post_challenge_piece(self, task: ChallengePieceTask) -> None:
         state = self._challenges.pop(id(task), None)

@@ -91,6 +91,14 @@ async def test_put_seal_get_challenge(tmp_path: Path, nursery: trio.Nursery, n_s
                 assert r.headers["content-type"] == "application/octet-stream"
                 assert decode_challenge_binary(r.headers, r.content) == \
                     await client.challenge(sp_endpoint, sealed.id, 1, index)
+                # a reader that leaves after the head: the piece's buffer still goes back
+                headers = client.sign("GET", url, headers={"accept": "application/octet-stream"})
+                async with httpx.AsyncClient(timeout=60) as http, \
+                        http.stream("GET", url, headers=headers) as r:
+                    assert r.status_code == 200
+            # every piece read for a challenge came back to its store's pool once answered
+            stores = [n.node.ctx.piecestore for n in nodes]
+            await wait_until(lambda: all(s._buffers.in_use == 0 for s in stores))
             piece, checksums, integrity = await client.challenge(
                 sps[0].info().endpoint, sealed.id, 0, -1)
             assert piece == payload[:segment]

@@ -20,6 +20,7 @@ own prefix, and a path there that no API route matches is a 404.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -159,20 +160,50 @@ async def challenge(call: Call) -> Any:
     task = await downloader.make_challenge_task(object_id, segment, index,
                                                 user_address=call.account)
     await call.authorize(AuthOpType.CHALLENGE_PIECE, task.object.bucket, task.object.name)
-    await downloader.pre_challenge_piece(task)
-    try:
-        piece, checksums, integrity = await downloader.handle_challenge_piece(task)
-    finally:
-        downloader.post_challenge_piece(task)
-    if wants_binary_challenge(call.request.headers.get("accept")):
-        headers, parts = encode_challenge_binary(piece, checksums, integrity)
+    with contextlib.ExitStack() as hold:  # the piece's buffer (the response takes it over)
+        await downloader.pre_challenge_piece(task)
+        try:
+            piece, checksums, integrity = await downloader.handle_challenge_piece(task, hold)
+        finally:
+            downloader.post_challenge_piece(task)
+        if wants_binary_challenge(call.request.headers.get("accept")):
+            headers, parts = encode_challenge_binary(piece, checksums, integrity)
+            del piece
+            return HeldPartsResponse(parts, hold.pop_all(), headers=headers,
+                                     media_type=BINARY_CHALLENGE)
+        answer = encode_challenge(piece, checksums, integrity)
+        del piece
+        return answer
 
-        async def body() -> AsyncIterator[bytes]:
-            for part in parts:
+
+class HeldPartsResponse(StreamingResponse):
+    """A body sent as its ``parts`` (buffers, not copied), which ``hold`` keeps alive: closed
+    once the response is sent, failed or abandoned. Nothing can run between the route
+    returning it and the response being called, so ``hold`` is always closed."""
+
+    def __init__(self, parts: list[bytes | memoryview], hold: contextlib.ExitStack, *,
+                 headers: dict[str, str], media_type: str) -> None:
+        self._parts = parts
+        self._hold = hold
+
+        async def body() -> AsyncIterator[bytes | memoryview]:
+            for part in self._parts:
                 yield part
 
-        return StreamingResponse(body(), headers=headers, media_type=BINARY_CHALLENGE)
-    return encode_challenge(piece, checksums, integrity)
+        super().__init__(body(), headers=headers, media_type=media_type)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._parts = []
+            self.body_iterator = _empty()
+            self._hold.close()
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield b""
 
 
 DATA_ROUTES: tuple[RouteSpec, ...] = (
