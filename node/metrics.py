@@ -24,6 +24,7 @@ metric                                     type       labels                 wha
 ``gfsp_tasks``                             gauge      type, state            manager's tasks
 ``gfsp_task_queue_size``                   gauge      type                   pending tasks
 ``gfsp_manager_events_total``              counter    event                  ``Manager.stats``
+``gfsp_downloader_events_total``           counter    event                  ``Downloader.stats``
 ``gfsp_p2p_peers``                         gauge      state                  peer table
 ``gfsp_p2p_ping_rtt_seconds``              gauge      peer                   last ping RTT
 ``gfsp_p2p_approval_outcomes_total``       counter    role, outcome          approvals
@@ -44,6 +45,10 @@ Label values:
 - ``type``/``state``: the manager's task type (``GCMeta``, ``ReplicatePiece``, ...) and state
   (``pending``, ``running``, ``done``, ``failed``); ``gfsp_task_queue_size`` is the pending
   count per type.
+- ``event`` of the downloader: ``downloads``, ``bytes_served``, ``degraded_reads`` (segments
+  rebuilt from the secondaries: a primary's disk losing data shows here first), ``repairs``,
+  ``repair_failures``, ``repairs_skipped``, ``pieces_refused``, ``challenges``,
+  ``challenge_failures``, ... (those that happened so far).
 - ``state`` of a peer: ``trusted``, ``candidate``, ``evicted`` (all three always present).
 - ``role``/``outcome`` of approvals: ``asker`` with ``approved``/``refused``/``invalid``/
   ``silent`` (answers per peer) and ``quorum_met``/``quorum_insufficient`` (per ask);
@@ -246,6 +251,14 @@ class NodeCollector(Collector):
             "manager") else None
         events = CounterMetricFamily("gfsp_manager_events", "The manager's event counters.",
                                      labels=("event",))
+        for event, n in sorted((stats or {}).items()):
+            events.add_metric((event,), n)
+        yield events
+        stats = getattr(modulars.downloader, "stats", None) if modulars.is_running(
+            "downloader") else None
+        events = CounterMetricFamily("gfsp_downloader_events", "The downloader's event "
+                                     "counters (downloads, degraded reads, repairs, "
+                                     "challenges).", labels=("event",))
         for event, n in sorted((stats or {}).items()):
             events.add_metric((event,), n)
         yield events

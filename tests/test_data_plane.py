@@ -130,3 +130,8 @@ async def check_primary_metrics(node: RunningNode, *, size: int, n_sps: int, sha
     assert value("gfsp_chain_height") > 0
     assert value("gfsp_limiter_used", scope="service:uploader", resource="memory") == 0
     assert value("gfsp_limiter_used", scope="service:executor", resource="memory") == 0
+    # whole, empty and 4 ranges; one challenge of the primary's segment; nothing degraded
+    events = {k[1][0][1]: v for k, v in samples.items() if k[0] == "gfsp_downloader_events_total"}
+    assert value("gfsp_downloader_events_total", event="downloads") == 6, events
+    assert value("gfsp_downloader_events_total", event="challenges") == 1
+    assert ("gfsp_downloader_events_total", (("event", "degraded_reads"),)) not in samples

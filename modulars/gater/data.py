@@ -90,14 +90,12 @@ async def get_object(call: Call) -> Any:
         bucket, name, range_header=call.request.headers.get("range"),
         user_address=call.account)
     await downloader.pre_download_object(task)
-    size = task.object.size
 
     async def body() -> AsyncIterator[bytes]:
-        try:
-            if size:
-                async with aclosing(downloader.handle_download_object_task(task)) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
+        try:  # a 0-byte object too: the download then completes at once (counted as done)
+            async with aclosing(downloader.handle_download_object_task(task)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             downloader.post_download_object(task)
 
