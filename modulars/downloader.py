@@ -587,6 +587,17 @@ class Downloader(ModularBase):
         if len(self._downloads) >= self.cfg.max_concurrent:
             self.stats["refused_busy"] += 1
             raise ServiceUnavailable("too many downloads in flight", 1.0)
+        obj = await self._admit_read(task)
+        span = self._reserve(task.estimate().memory, task.priority)
+        self._downloads[id(task)] = _Download(task, obj, span)
+
+    async def head_object(self, task: DownloadObjectTask) -> None:
+        """Admit a ``HEAD``: the checks of :meth:`pre_download_object` (the same answer a GET
+        would get), with nothing reserved, read, or recorded as read traffic."""
+        await self._admit_read(task)
+        self.stats["heads"] += 1
+
+    async def _admit_read(self, task: DownloadObjectTask) -> ChainObject:
         obj = await self._sealed_object(task.object.id, "download")
         chain = require_chain(self.ctx)
         with chain_errors("download"):
@@ -598,8 +609,7 @@ class Downloader(ModularBase):
         if obj.size and task.low >= obj.size:
             raise RangeNotSatisfiable(f"range starts at {task.low}, past the end of a "
                                       f"{obj.size}-byte object", obj.size)
-        span = self._reserve(task.estimate().memory, task.priority)
-        self._downloads[id(task)] = _Download(task, obj, span)
+        return obj
 
     async def handle_download_object_task(self, task: DownloadObjectTask
                                           ) -> AsyncIterator[bytes]:

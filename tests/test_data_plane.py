@@ -70,6 +70,23 @@ async def test_put_seal_get_challenge(tmp_path: Path, nursery: trio.Nursery, n_s
                 got = await client.get_object_bytes("data", "big.bin", byte_range=(low, high))
                 assert got == payload[low:high + 1], (low, high)
 
+            # HEAD: the GET's status and headers, no byte read (the metrics below count
+            # the 6 GETs only), errors as a GET's
+            async with httpx.AsyncClient(timeout=60) as http:
+                url = f"{sps[0].info().endpoint}/data/big.bin"
+                r = await http.head(url, headers=client.sign("HEAD", url))
+                assert (r.status_code, r.headers["content-length"], r.content) == \
+                    (200, str(size), b"")
+                assert r.headers["etag"] == f'"{sealed.checksums[0].hex()}"'
+                ranged = client.sign("HEAD", url, headers={"range": "bytes=10-19"})
+                r = await http.head(url, headers=ranged)
+                assert (r.status_code, r.headers["content-length"]) == (206, "10")
+                assert r.headers["content-range"] == f"bytes 10-19/{size}"
+                past = client.sign("HEAD", url, headers={"range": f"bytes={size}-"})
+                assert (await http.head(url, headers=past)).status_code == 416
+                url = f"{sps[0].info().endpoint}/data/nothing"
+                assert (await http.head(url, headers=client.sign("HEAD", url))).status_code \
+                    == 404
             # challenge every secondary (and the primary) and verify against the chain
             segments = -(-size // segment)
             by_operator = {sp.keys.operator.address: sp for sp in sps}
@@ -135,3 +152,4 @@ async def check_primary_metrics(node: RunningNode, *, size: int, n_sps: int, sha
     assert value("gfsp_downloader_events_total", event="downloads") == 6, events
     assert value("gfsp_downloader_events_total", event="challenges") == 1
     assert ("gfsp_downloader_events_total", (("event", "degraded_reads"),)) not in samples
+    assert value("gfsp_downloader_events_total", event="heads") == 2  # the 416 and 404 not

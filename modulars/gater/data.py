@@ -5,7 +5,8 @@ and challenges.
   payload hash is checked as the body ends; ``UNSIGNED-PAYLOAD`` is allowed here, as the
   integrity hash is checked against the chain anyway).
 - ``GET /{bucket}/{object}`` (``Range``: one range, 206 with Content-Range; 416 outside the
-  object): the downloader streams only the segments needed.
+  object): the downloader streams only the segments needed. ``HEAD`` answers the same status
+  and headers after the same checks, and reads nothing (no read record either).
 - ``PUT /gfsp/v1/replicate/{object_id}/{index}/{segment}`` and
   ``POST /gfsp/v1/replicate/{object_id}/{index}/done``: a primary SP sends a piece / asks for
   the integrity signature; the request is signed by the primary's operator key (its account)
@@ -25,7 +26,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from modulars.downloader import (
     BINARY_CHALLENGE,
@@ -89,6 +90,15 @@ async def get_object(call: Call) -> Any:
     task, partial = await downloader.make_task(
         bucket, name, range_header=call.request.headers.get("range"),
         user_address=call.account)
+    headers = {"content-length": str(content_length(task)), "accept-ranges": "bytes",
+               "etag": f'"{task.object.checksums[0].hex()}"'}
+    if partial:
+        headers["content-range"] = content_range(task)
+    status = 206 if partial else 200
+    media_type = task.object.content_type or "application/octet-stream"
+    if call.request.method == "HEAD":  # the GET's head; no byte is read (nor billed as read)
+        await downloader.head_object(task)
+        return Response(status_code=status, headers=headers, media_type=media_type)
     await downloader.pre_download_object(task)
 
     async def body() -> AsyncIterator[bytes]:
@@ -99,12 +109,8 @@ async def get_object(call: Call) -> Any:
         finally:
             downloader.post_download_object(task)
 
-    headers = {"content-length": str(content_length(task)), "accept-ranges": "bytes",
-               "etag": f'"{task.object.checksums[0].hex()}"'}
-    if partial:
-        headers["content-range"] = content_range(task)
-    return StreamingResponse(body(), status_code=206 if partial else 200, headers=headers,
-                             media_type=task.object.content_type or "application/octet-stream")
+    return StreamingResponse(body(), status_code=status, headers=headers,
+                             media_type=media_type)
 
 
 async def _admit(call: Call, *, fresh: bool = False) -> Any:
