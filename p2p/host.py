@@ -26,6 +26,11 @@ frames. Our yamux streams credit at half-window as go-yamux does, and we negotia
 with the response); a new stream's SYN rides on its first frame and a last write carries
 FIN (``write_frame(..., last=True)``): 3 frames (SYN+data+FIN, ACK, data+FIN), 1.1 ms, and
 the same protocols on the wire for any libp2p peer.
+
+And one found by counting ``recv`` calls: every read of a connection (a 2-byte Noise length,
+then its frame) was its own ``recv``, 6.1 per request for both ends. Connections now read
+ahead (:class:`_BufferedTCPStream`, installed like the yamux class): 3.1 per request, and
+~7% less CPU per request.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -56,6 +62,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+from libp2p.transport.tcp import tcp as libp2p_tcp
 
 from node.crypto import PrivateKey
 from node.errors import GfspError
@@ -93,6 +100,8 @@ _YAMUX_WINDOW_UPDATE = 0x1
 _YAMUX_SYN = 0x1
 _YAMUX_FIN = 0x4
 _YAMUX_MAX_PAYLOAD = 64 * 1024 - 12  # py-libp2p's MAX_MESSAGE_SIZE minus the header
+#: Most bytes one read of a connection's socket takes in (the rest serves the next reads).
+READ_AHEAD = 64 * 1024
 #: Swarm notifications not sent (see _skip_stream_notifications)
 _STREAM_EVENTS = frozenset({"opened_stream", "closed_stream"})
 #: Inbound streams a host negotiates or serves at once before it resets new ones
@@ -337,6 +346,46 @@ class _GfspYamuxStream(YamuxStream):
                     del owed[self.stream_id]
             raise
         self.send_closed = True
+
+
+class _BufferedTCPStream(TrioTCPStream):
+    """py-libp2p's TCP stream with a read buffer.
+
+    Every reader above asks for exactly what it needs next: multistream-select a varint one
+    byte at a time, Noise a 2-byte length and then the frame. 0.8.1 turned each into its own
+    ``recv`` (a syscall, a lock and a trio checkpoint). Here one ``recv`` of up to
+    :data:`READ_AHEAD` bytes serves the reads that follow from memory. Only this object
+    reads its socket, so nothing is reordered.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        super().__init__(stream)
+        self._buf = b""
+        self._pos = 0
+
+    async def read(self, n: int | None = None) -> bytes:
+        if n is not None and n <= 0:
+            return b""
+        left = len(self._buf) - self._pos
+        if not left:
+            data = await super().read(max(n or 0, READ_AHEAD))
+            if n is None or len(data) <= n:
+                return data
+            self._buf, self._pos = data, n
+            return data[:n]
+        take = left if n is None else min(n, left)
+        start = self._pos
+        self._pos += take
+        if self._pos == len(self._buf):
+            buf, self._buf, self._pos = self._buf, b"", 0
+            return buf[start:] if start else buf
+        return self._buf[start:start + take]
+
+    @staticmethod
+    def install() -> None:
+        """Make py-libp2p's TCP transport build this class for each connection (idempotent;
+        ``tcp.py`` 0.8.1 constructs ``TrioTCPStream`` by its module-level name)."""
+        libp2p_tcp.TrioTCPStream = _BufferedTCPStream  # type: ignore[misc]
 
 
 class _GfspYamux(Yamux):
@@ -938,6 +987,7 @@ async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
         raise ValueError("max_inbound_streams must be >= 1")
     _quiet_libp2p_logs()
     _GfspYamux.install()
+    _BufferedTCPStream.install()
     listen_maddr = _parse_multiaddr(listen)
     key_pair = _key_pair(key)
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)

@@ -512,3 +512,41 @@ async def test_swarm_announces_connections_but_not_streams() -> None:
             assert "connected" in events
             assert not {"opened_stream", "closed_stream"} & set(events)
             assert server.inbound_protocols[ECHO] == 3
+
+
+# --- the buffered TCP stream under every connection -------------------------------------------
+
+
+async def test_buffered_tcp_stream_serves_small_reads_from_one_recv() -> None:
+    """Multistream-select reads varints byte by byte and Noise a 2-byte length then the frame:
+    one recv serves the reads that follow, in order, each at most what was asked; EOF is b""."""
+    from libp2p.transport.tcp import tcp as libp2p_tcp
+
+    from p2p import host as hostmod
+
+    left, right = trio.socket.socketpair()
+    reader = hostmod._BufferedTCPStream(trio.SocketStream(left))
+    async with trio.SocketStream(right) as writer:
+        with trio.fail_after(DEADLINE):
+            payload = bytes(range(256)) * 1024  # 256 KiB: more than one read-ahead
+            await writer.send_all(b"abcdefgh")
+            assert await reader.read(0) == b""
+            assert await reader.read(2) == b"ab"
+            assert await reader.read(3) == b"cde"
+            assert await reader.read(None) == b"fgh"
+            got = bytearray()
+            sizes = [1, 2, 12, 4096, 65535, 100_000]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.send_all, payload)
+                while len(got) < len(payload):
+                    want = sizes[len(got) % len(sizes)]
+                    chunk = await reader.read(want)
+                    assert 0 < len(chunk) <= want
+                    got += chunk
+            assert bytes(got) == payload
+    with trio.fail_after(DEADLINE):
+        assert await reader.read(5) == b""  # the writer closed: EOF
+        await reader.close()
+        async with open_host(PrivateKey(SEED_A), LISTEN, connect_timeout=5, handlers={}):
+            # what py-libp2p's TCP transport builds for every connection from now on
+            assert libp2p_tcp.TrioTCPStream is hostmod._BufferedTCPStream
