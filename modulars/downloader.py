@@ -446,7 +446,7 @@ class Downloader(ModularBase):
         self._downloads: dict[int, _Download] = {}
         self._challenges: dict[int, _Challenge] = {}
         self._repairing: set[tuple[int, int]] = set()
-        self._busy = 0  # repairs and read records queued or running
+        self._busy = 0  # read-aheads, repairs and read records queued or running
         self._idle = trio.Event()
         self._idle.set()
         self._codecs: dict[tuple[int, int], Codec] = {}
@@ -477,9 +477,18 @@ class Downloader(ModularBase):
         await self.wait_background()
 
     async def wait_background(self) -> None:
-        """Return once no repair or read record is queued or running."""
+        """Return once no read-ahead, repair or read record is queued or running."""
         while self._busy:
             await self._idle.wait()
+
+    async def _prefetch(self, prefetch: _Prefetch,
+                        read: Callable[[], Awaitable[_Segment]]) -> None:
+        """A read-ahead, counted as background work: one cancelled while its worker thread
+        reads still holds a store buffer until the read ends (drain and tests wait for it)."""
+        try:
+            await prefetch.run(read)
+        finally:
+            self._busy_end()
 
     def _busy_begin(self) -> None:
         self._busy += 1
@@ -642,8 +651,15 @@ class Downloader(ModularBase):
                         if ahead is not None and segment < last and self._nursery is not None:
                             # the next segment is read (or rebuilt) while this one is sent
                             prefetch = _Prefetch()
-                            self._nursery.start_soon(prefetch.run, functools.partial(
-                                self._read_segment, obj, params, segment + 1, trusted))
+                            self._busy_begin()
+                            try:
+                                self._nursery.start_soon(self._prefetch, prefetch,
+                                                         functools.partial(
+                                                             self._read_segment, obj, params,
+                                                             segment + 1, trusted))
+                            except BaseException:
+                                self._busy_end()
+                                raise
                         start = segment * seg_size
                         wanted = current.data[max(low - start, 0): high - start + 1]
                         try:
