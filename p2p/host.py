@@ -354,21 +354,29 @@ class _BufferedTCPStream(TrioTCPStream):
     Every reader above asks for exactly what it needs next: multistream-select a varint one
     byte at a time, Noise a 2-byte length and then the frame. 0.8.1 turned each into its own
     ``recv`` (a syscall, a lock and a trio checkpoint). Here one ``recv`` of up to
-    :data:`READ_AHEAD` bytes serves the reads that follow from memory. Only this object
-    reads its socket, so nothing is reordered.
+    :data:`READ_AHEAD` bytes serves the reads that follow from memory. One task reads a
+    connection at a time (the upgrade, then yamux's loop); a second reader entering while the
+    first waits on the socket gets ``trio.BusyResourceError`` rather than bytes out of order.
     """
 
     def __init__(self, stream: trio.SocketStream) -> None:
         super().__init__(stream)
         self._buf = b""
         self._pos = 0
+        self._receiving = False
 
     async def read(self, n: int | None = None) -> bytes:
         if n is not None and n <= 0:
             return b""
         left = len(self._buf) - self._pos
         if not left:
-            data = await super().read(max(n or 0, READ_AHEAD))
+            if self._receiving:
+                raise trio.BusyResourceError("another task is reading this connection")
+            self._receiving = True
+            try:
+                data = await super().read(max(n or 0, READ_AHEAD))
+            finally:
+                self._receiving = False
             if n is None or len(data) <= n:
                 return data
             self._buf, self._pos = data, n

@@ -547,6 +547,16 @@ async def test_buffered_tcp_stream_serves_small_reads_from_one_recv() -> None:
     with trio.fail_after(DEADLINE):
         assert await reader.read(5) == b""  # the writer closed: EOF
         await reader.close()
+        # one reader at a time: a second one is refused, never handed bytes out of order
+        left, right = trio.socket.socketpair()
+        busy = hostmod._BufferedTCPStream(trio.SocketStream(left))
+        async with trio.SocketStream(right) as writer, trio.open_nursery() as nursery:
+            nursery.start_soon(busy.read, 10)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await busy.read(10)
+            await writer.send_all(b"x")
+        await busy.close()
         async with open_host(PrivateKey(SEED_A), LISTEN, connect_timeout=5, handlers={}):
             # what py-libp2p's TCP transport builds for every connection from now on
             assert libp2p_tcp.TrioTCPStream is hostmod._BufferedTCPStream
