@@ -357,6 +357,8 @@ class _BufferedTCPStream(TrioTCPStream):
     :data:`READ_AHEAD` bytes serves the reads that follow from memory. One task reads a
     connection at a time (the upgrade, then yamux's loop); a second reader entering while the
     first waits on the socket gets ``trio.BusyResourceError`` rather than bytes out of order.
+    A read served from the buffer returns without a checkpoint (that is the saving); at most
+    :data:`READ_AHEAD` bytes are served so before the next socket read checkpoints.
     """
 
     def __init__(self, stream: trio.SocketStream) -> None:
