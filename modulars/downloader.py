@@ -771,21 +771,12 @@ class Downloader(ModularBase):
             raise
         return _Segment(data, shared)
 
-    async def recover_segment(self, obj: ChainObject, params: StorageParams, segment: int, *,
-                              expected: bytes | None = None) -> bytes:
-        """Rebuild one segment from ``k`` verified pieces of the secondaries (503 when fewer
-        than ``k`` verify before the deadline)."""
-        view, shared = await self._recover_pooled(obj, params, segment, expected)
-        try:
-            return bytes(view)
-        finally:
-            del view
-            shared.close()
-
     async def _recover_pooled(self, obj: ChainObject, params: StorageParams, segment: int,
                               expected: bytes | None) -> tuple[memoryview, _Shared]:
-        """:meth:`recover_segment` into one of the store's reused buffers (the pieces come in
-        such buffers too: no fresh pages to fault in); close the hold when done with it."""
+        """Rebuild one segment from ``k`` verified pieces of the secondaries (503 when fewer
+        than ``k`` verify before the deadline), into one of the store's reused buffers (the
+        pieces come in such buffers too: no fresh pages to fault in); close the returned
+        hold when done with it."""
         seg_len = params.segment_len(obj.size, segment)
         hold = contextlib.ExitStack()
         try:

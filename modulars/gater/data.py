@@ -200,14 +200,7 @@ class HeldPartsResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._parts = []
-            self.body_iterator = _empty()
             self._hold.close()
-
-
-async def _empty() -> AsyncIterator[bytes]:
-    return
-    yield b""
 
 
 DATA_ROUTES: tuple[RouteSpec, ...] = (
