@@ -66,6 +66,7 @@ ECHO_RESPONDER_SEED = "gfsp-bench-echo-responder"
 CONVERGENCE_PING_INTERVAL = 1.0
 CLUSTER_PING_INTERVAL = 60.0  # rows 1-3: keep background discovery traffic out of the figures
 QUORUM_TIMEOUT = 5.0
+QUORUM_PEERS = 6  # node processes asked for approval
 POLL = 0.05
 STOP_GRACE = 5.0
 
@@ -251,6 +252,20 @@ def ratio_row(what: str, value: float, ceiling: float | None, limit: float | Non
     return Row(what, ms(value), f"{r:.2f}x", f"<= {limit:g}x", "yes" if r <= limit else "NO")
 
 
+def quorum_floor_row(echo_cpu: tuple[float, float], ceiling: float) -> Row:
+    """A quorum of :data:`QUORUM_PEERS` approvals is at least that many new-stream requests
+    (PROTOCOL.md: one request per stream, one stream per peer), each costing at least the
+    CPU an echo request costs its two ends; on this machine's cores they take no less than
+    ``peers * (asker + responder) / cores`` (the asker's share alone, ``peers * asker``,
+    when that is larger). Signing, verifying, the approver and wake-ups come on top."""
+    cores = os.cpu_count() or 1
+    asker, responder = echo_cpu
+    floor = max(QUORUM_PEERS * asker, QUORUM_PEERS * (asker + responder) / cores)
+    return Row(f"approval quorum floor: {QUORUM_PEERS} x CPU of an echo request (both ends) "
+               f"over {cores} cores", ms(floor), f"{floor / ceiling:.2f}x",
+               "below 3x?", "yes" if floor / ceiling <= 3 else "NO")
+
+
 def print_table(rows: list[Row]) -> None:
     head = Row("what", "value", "ratio", "target", "ok")
     cols = [[getattr(r, f.name) for r in [head, *rows]] for f in dataclasses.fields(Row)]
@@ -363,6 +378,8 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     ceiling: tuple[float, float] | None = None  # (median, p99) of the process request
+    #: CPU-s per echo request: (asker, responder), both processes' whole use during the run
+    echo_cpu: tuple[float, float] | None = None
 
 
 async def echo_requests(host: P2PHost, peer_id: str, addr: str, counts: Counts
@@ -390,8 +407,8 @@ async def bench_ceiling(root: Path, counts: Counts, res: Results) -> None:
                              handlers={}) as asker:
             meter = CpuMeter([child.proc.pid])
             samples, failed = await echo_requests(asker, responder_id, addr, counts)
-            res.notes.append(cpu_note("echo request", *meter.per_call(
-                counts.warmup + counts.requests), "echo process"))
+            res.echo_cpu = meter.per_call(counts.warmup + counts.requests)
+            res.notes.append(cpu_note("echo request", *res.echo_cpu, "echo process"))
             med, p99 = statistics.median(samples), pct(samples, 0.99)
             res.ceiling = (med, p99)
             tag = f"n={len(samples)}" + (f", {failed} failed" if failed else "")
@@ -399,6 +416,7 @@ async def bench_ceiling(root: Path, counts: Counts, res: Results) -> None:
                                 ms(med), "1.00x", "ceiling"))
             res.rows.append(Row("request on a new stream, p99 (echo process)", ms(p99),
                                 "1.00x", "ceiling"))
+            res.rows.append(quorum_floor_row(res.echo_cpu, med))
             # for comparison: both hosts in this process
             async with open_host(local_key, "/ip4/127.0.0.1/tcp/0", connect_timeout=5.0,
                                  handlers={ECHO_PROTOCOL: _echo}) as local:
@@ -414,9 +432,9 @@ async def bench_ceiling(root: Path, counts: Counts, res: Results) -> None:
 def _quorum_bootstrap(i: int, sps: list[SPDir]) -> list[str]:
     if i == 0:
         return []
-    if i < 6:
+    if i < QUORUM_PEERS:
         return [sps[0].bootstrap_entry]
-    return [sp.bootstrap_entry for sp in sps[:6]]  # the in-process asker: all six
+    return [sp.bootstrap_entry for sp in sps[:QUORUM_PEERS]]  # the in-process asker: all
 
 
 def _task(k: int, owner: str) -> ReplicatePieceApprovalTask:
@@ -430,9 +448,10 @@ def _task(k: int, owner: str) -> ReplicatePieceApprovalTask:
 
 async def bench_cluster(root: Path, counts: Counts, res: Results) -> None:
     """Rows 1 and 3: six node processes, one in-process node asking them."""
-    sps = make_sps(root / "quorum", 7, p2p={"ping_interval": CLUSTER_PING_INTERVAL},
-                   bootstrap=_quorum_bootstrap, tag="q")
-    procs, asker_sp = sps[:6], sps[6]
+    sps = make_sps(root / "quorum", QUORUM_PEERS + 1,
+                   p2p={"ping_interval": CLUSTER_PING_INTERVAL}, bootstrap=_quorum_bootstrap,
+                   tag="q")
+    procs, asker_sp = sps[:QUORUM_PEERS], sps[QUORUM_PEERS]
     peers = [sp.peer_id for sp in procs]
     with fleet(root / "quorum-run") as f:
         children = [f.spawn(sp.dir.name, [*node_command(sp), "--log-level", "warning"])
@@ -713,6 +732,11 @@ def main(argv: list[str] | None = None) -> int:
           " quorum timeout"
           f" {QUORUM_TIMEOUT:g} s. Convergence: each node bootstraps from sp0 only, sp0 is"
           " started first, timed from the last READY=1 to all-trusted in every SPDB.")
+    print(f"quorum floor: {QUORUM_PEERS} approvals are at least {QUORUM_PEERS} new-stream"
+          " requests (one stream per peer, one request per stream: PROTOCOL.md), each at least"
+          " the CPU the echo request costs its two ends (measured above); on this machine's"
+          " cores no quorum of that many can be faster, whatever the approval logic, so a"
+          " floor above 3x puts the quorum median target out of reach here.")
     for note in res.notes:
         print(f"note: {note}")
     print(f"total {time.perf_counter() - t0:.1f}s")
