@@ -23,6 +23,7 @@ import trio
 
 from node.chain_msgs import ChainError
 from node.config import P2PSection
+from node.errors import ResourceLimitExceeded
 from node.spregistry import SPInfo, SPRegistry
 from p2p.guard import ReplayGuard
 from p2p.host import P2PError, P2PHost, Stream, parse_bootstrap
@@ -126,7 +127,14 @@ class Discovery:
         slots = self._contact_slots if rec.state == CANDIDATE else self._ping_slots
         try:
             async with slots:
-                with self.reserve():
+                try:
+                    reservation = self.reserve()
+                except ResourceLimitExceeded as exc:
+                    # the node is busy (uploads, approvals): skip this peer this round, not
+                    # counted as a missed pong; discovery itself goes on
+                    log.debug("ping %s skipped: %s", peer_id, exc)
+                    return False
+                with reservation:
                     return await self._ping(rec)
         finally:
             self._pinging.discard(peer_id)

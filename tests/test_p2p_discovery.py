@@ -79,3 +79,27 @@ async def test_a_new_peer_reaches_spdb_soon_not_at_the_next_round(tmp_path):
         with trio.fail_after(period / 10 + 5.0):
             await wait_until(lambda: stored().get(sps[1].peer_id) == "trusted", poll=0.05)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_full_limiter_skips_pings_and_discovery_goes_on(tmp_path):
+    """With no memory left for p2p in the shared limiter (approval asks hold it), a ping round skips
+    its peers (no missed pong counted) instead of failing the p2p modular, and discovery
+    resumes once memory is free again."""
+    sps = make_sps(tmp_path, 2, p2p={"ping_interval": PING, "ping_timeout": 0.5})
+    async with trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, sps)
+        a, b = nodes
+        with trio.fail_after(3 * PING + 5.0):
+            await wait_until(lambda: a.trusted() == {b.sp.peer_id})
+            limiter = a.node.ctx.limiter
+            hog = limiter.span("p2p", memory=limiter.remaining("p2p").memory)
+            with hog:
+                b_rec = a.p2p.table.get(b.sp.peer_id)
+                rounds = a.p2p.discovery.rounds
+                await wait_until(lambda: a.p2p.discovery.rounds >= rounds + 3)
+                assert a.node.ctx.modulars.is_running("p2p")
+                assert await a.p2p.discovery.ping_peer(b.sp.peer_id) is False
+                after = a.p2p.table.get(b.sp.peer_id)
+                assert after.state == "trusted" and after.missed == b_rec.missed == 0
+            assert await a.p2p.discovery.ping_peer(b.sp.peer_id) is True
+        nursery.cancel_scope.cancel()
