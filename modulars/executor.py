@@ -135,6 +135,11 @@ class TaskExecutor(ModularBase):
             error = f"{type(exc).__name__}: {exc}"
             level = logging.INFO if isinstance(exc, NotSealedYet) else logging.WARNING
             log.log(level, "task %s failed: %s", task.key, error, extra={"task_key": task.key})
+        except Exception as exc:  # a bug or an error nobody mapped: this task fails (and is
+            # retried by the manager), the worker and the node go on
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("task %s failed unexpectedly: %s", task.key, error,
+                          extra={"task_key": task.key})
         finally:
             self.running.pop(task.key, None)
         task.set_error(error or None)
@@ -335,7 +340,7 @@ class TaskExecutor(ModularBase):
     async def _send(self, approval: ApprovalResponse, object_id: int, index: int,
                     segment: int, piece: bytes | memoryview, digest: str) -> None:
         assert self.http is not None
-        url = approval.endpoint.rstrip("/") + replicate_path(object_id, index, segment)
+        url = _secondary_url(approval, replicate_path(object_id, index, segment))
         headers = self.ctx.modulars.signer.sign_http_request(
             "PUT", url, body_sha256=digest, headers={APPROVAL_HEADER: encode(approval).hex()})
         headers["content-length"] = str(len(piece))
@@ -368,17 +373,22 @@ class TaskExecutor(ModularBase):
                     index: int) -> bytes:
         assert self.http is not None
         obj = task.object
-        url = approval.endpoint.rstrip("/") + replicate_path(obj.id, index)
+        url = _secondary_url(approval, replicate_path(obj.id, index))
         headers = self.ctx.modulars.signer.sign_http_request(
             "POST", url, body_sha256=hashlib.sha256(b"").hexdigest(),
             headers={APPROVAL_HEADER: encode(approval).hex()})
         response = await self.http.post(url, content=b"", headers=headers)
         if response.status_code != 200:
             raise ReplicateError(f"done: HTTP {response.status_code}: {response.text[:200]}")
-        body = response.json()
-        signature = bytes.fromhex(body["signature"])
+        try:
+            body = response.json()
+            signature = bytes.fromhex(body["signature"])
+            integrity = bytes.fromhex(body["integrity_hash"])
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, not a map, not hex
+            raise ReplicateError(f"done: not an answer ({type(exc).__name__}: {exc}): "
+                                 f"{response.text[:200]!r}") from None
         checksum = obj.checksums[1 + index]
-        if bytes.fromhex(body["integrity_hash"]) != checksum:
+        if integrity != checksum:
             raise ReplicateError("the secondary's integrity hash differs from the chain's")
         sp = await self.chain.get_sp(approval.approver)
         if sp is None:
@@ -504,6 +514,21 @@ class TaskExecutor(ModularBase):
             last = await self.ctx.db.run(_last_gc_height)
             if height > last:
                 await self.ctx.modulars.manager.schedule_gc_object(last, height)
+
+
+def _secondary_url(approval: ApprovalResponse, path: str) -> str:
+    """``path`` on the approving SP's endpoint (which that SP signed, so anything): an
+    endpoint that is not an http(s) URL is that secondary's failure, not ours."""
+    url = approval.endpoint.rstrip("/") + path
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ReplicateError(f"{approval.approver}'s endpoint {approval.endpoint!r} is not a "
+                             f"URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ReplicateError(f"{approval.approver}'s endpoint {approval.endpoint!r} is not an "
+                             "http(s) URL")
+    return url
 
 
 class _ObjectCodec(Codec):

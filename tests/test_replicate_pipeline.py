@@ -6,6 +6,7 @@ and leaves no task behind."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import AsyncIterable, AsyncIterator
@@ -255,3 +256,69 @@ async def test_done_is_asked_of_every_secondary_at_once(tmp_path: Path) -> None:
         assert {(i, s) for (h, i, s) in http.got if h == f"sp{N}"} == {(3, s) for s in range(3)}
         assert ex.ctx.limiter.used("executor").memory == 0
         assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
+async def _answering(nursery: trio.Nursery, body: bytes) -> str:
+    """A real HTTP server on 127.0.0.1 that answers every request 200 with ``body``."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            buf += chunk
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\n"
+                              b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                              % (len(body), body))
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("body", [b"<html>busy</html>", b"[1, 2]", b'{"signature": 5}',
+                                  b'{"signature": "zz", "integrity_hash": "00"}', b"{}"])
+async def test_a_garbled_done_answer_is_that_secondarys_failure(tmp_path: Path,
+                                                                 body: bytes) -> None:
+    """A secondary (or a proxy before it) answering "done" 200 with something else is a
+    ReplicateError (that secondary fails over), never an error that stops the executor."""
+    async with executor(tmp_path, os.urandom(SEG)) as (ex, _http, task), \
+            httpx.AsyncClient(timeout=5.0) as client, trio.open_nursery() as nursery:
+        endpoint = await _answering(nursery, body)
+        ex.http = client
+        target = dataclasses.replace(approval(0), endpoint=endpoint)
+        with trio.fail_after(10), pytest.raises(ReplicateError, match="not an answer"):
+            await TaskExecutor._done(ex, target, task, 0)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("endpoint", ["http://[::1", "ftp://sp1", "sp1:9000", ""])
+async def test_an_endpoint_that_is_not_a_url_is_that_secondarys_failure(
+        tmp_path: Path, endpoint: str) -> None:
+    async with executor(tmp_path, os.urandom(SEG)) as (ex, _http, task), \
+            httpx.AsyncClient(timeout=5.0) as client:
+        ex.http = client
+        target = dataclasses.replace(approval(0), endpoint=endpoint)
+        with pytest.raises(ReplicateError, match="endpoint"):
+            await TaskExecutor._done(ex, target, task, 0)
+        with pytest.raises(ReplicateError, match="endpoint"):
+            await ex._send(target, OBJECT_ID, 0, 0, b"piece", "00")
+
+
+async def test_an_unexpected_error_fails_the_task_not_the_worker(tmp_path: Path) -> None:
+    async with executor(tmp_path, os.urandom(SEG)) as (ex, _http, task):
+        reported: list[str | None] = []
+
+        async def boom(_task: Any) -> None:
+            raise RuntimeError("a bug")
+
+        async def report(t: Any) -> None:
+            reported.append(t.error)
+
+        ex.handle = boom  # type: ignore[method-assign]
+        ex.report_task = report  # type: ignore[method-assign]
+        await ex.run_task(task)
+        assert reported == ["RuntimeError: a bug"]
+        assert ex.running == {}
+        assert ex.ctx.limiter.used("executor").memory == 0
