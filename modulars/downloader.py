@@ -167,6 +167,12 @@ class ChallengeResponseError(PieceFetchError, ValueError):
 # --- Range ------------------------------------------------------------------------------------
 
 _RANGE_RE = re.compile(r"([0-9]*)-([0-9]*)", re.ASCII)
+#: A Range number longer than this is past the end of any object (and of Python's int() limit)
+_RANGE_DIGITS = 19
+
+
+def _range_int(digits: str) -> int:
+    return int(digits) if len(digits) <= _RANGE_DIGITS else 1 << 63
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -198,12 +204,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise RangeNotSatisfiable(f"malformed Range {header[:100]!r}", size)
     first, last = m.group(1), m.group(2)
     if not first:  # suffix: the last n bytes
-        n = int(last)
+        n = _range_int(last)
         if n == 0 or size == 0:
             raise RangeNotSatisfiable(f"range {spec!r} of a {size}-byte object", size)
         return max(0, size - n), size - 1
-    low = int(first)
-    high = size - 1 if not last else int(last)
+    low = _range_int(first)
+    high = size - 1 if not last else _range_int(last)
     if last and high < low:
         raise RangeNotSatisfiable(f"malformed Range {header[:100]!r}: last < first", size)
     if low >= size:

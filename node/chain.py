@@ -189,6 +189,13 @@ class ChainClient(Protocol):
     async def broadcast(self, tx: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
+def _segment(text: str) -> str:
+    """``text`` as one percent-encoded path segment: ``/`` encoded too, and ``.`` / ``..``
+    as ``%2E`` / ``%2E%2E``, so that no HTTP client resolves dot segments (httpx does) and
+    looks up another name. The server decodes it back to ``text``."""
+    return "%2E" * len(text) if text in (".", "..") else quote(text, safe="")
+
+
 class DevChainClient:
     """:class:`ChainClient` and :class:`~node.spregistry.SPRegistry` over the devchain's HTTP API.
 
@@ -372,7 +379,7 @@ class DevChainClient:
 
     async def get_object(self, bucket: str, name: str) -> ChainObject | None:
         body = await self._get_or_none(
-            f"/objects/{quote(bucket, safe='')}/{quote(name, safe='/')}")
+            f"/objects/{quote(bucket, safe='')}/{_segment(name)}")
         return None if body is None else ChainObject.from_json(body)
 
     async def get_object_by_id(self, object_id: int) -> ChainObject | None:

@@ -147,6 +147,21 @@ async def test_buckets_objects_events_and_seal(world: World) -> None:
         assert [e.index for e in paged] == [events[1].index, events[2].index]
 
 
+async def test_object_names_with_dot_segments_are_looked_up_as_named(world: World) -> None:
+    """Names that are (or hold) ``.`` / ``..`` path segments reach the chain unchanged: an
+    HTTP client must not resolve them into another object's name (found in review:
+    ``a/../b`` was looked up as ``b``, ``.`` failed with a redirect)."""
+    with trio.fail_after(10):
+        c = world.client
+        await _bucket(world, "dots")
+        names = [".", "..", "a/../b", "a/./b", "./x", "b", "x", "a/%2E%2E/b", "a//b", "a/"]
+        ids = {name: await _object(world, "dots", name) for name in names}
+        for name, oid in ids.items():
+            obj = await c.get_object("dots", name)
+            assert obj is not None and (obj.id, obj.name) == (oid, name)
+        assert await c.get_object("dots", "a/../x") is None
+
+
 async def test_refusals_become_chain_errors(world: World) -> None:
     with trio.fail_after(10):
         c = world.client

@@ -180,6 +180,8 @@ async def start(nursery: trio.Nursery, modular: Any) -> Any:
     ("bytes=-30", 100, (70, 99)),
     ("bytes=-1000", 100, (0, 99)),
     ("Bytes = 5-6 ", 100, (5, 6)),
+    ("bytes=5-" + "9" * 5000, 100, (5, 99)),  # past Python's int() digit limit: the end
+    ("bytes=-" + "9" * 5000, 100, (0, 99)),
 ])
 def test_parse_range(header: str | None, size: int, expected: tuple[int, int] | None) -> None:
     assert parse_range(header, size) == expected
@@ -200,6 +202,8 @@ def test_parse_range(header: str | None, size: int, expected: tuple[int, int] | 
     ("bytes=0-1,4-5", 100),  # several ranges: not served
     ("bytes=٣-٤", 100),  # non-ASCII digits
     ("bytes", 100),
+    ("bytes=" + "9" * 5000 + "-", 100),  # past any end (and Python's int() digit limit)
+    ("bytes=" + "9" * 25 + "-" + "9" * 24, 100),
 ])
 def test_parse_range_unsatisfiable(header: str, size: int) -> None:
     with pytest.raises(RangeNotSatisfiable) as info:

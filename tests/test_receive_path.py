@@ -9,6 +9,7 @@ import os
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -100,6 +101,16 @@ async def test_replicate_piece_checks_then_stores(tmp_path: Path, nursery: trio.
         assert (r.status_code, parse_error(r).code) == (403, "InvalidApproval"), r.text
         r = await put(3, good)
         assert (r.status_code, parse_error(r).code) == (400, "InvalidArgument"), r.text
+        # segments that are not integers (found in review: "--1" was a 500)
+        for bad_segment in ("--1", "-", "1" * 25, "0x1", "\u0663"):
+            url = approval.endpoint.rstrip("/") + replicate_path(obj.id, 0, 0)[:-1] + quote(
+                bad_segment)
+            signed_headers = primary.modulars.signer.sign_http_request(
+                "PUT", url, body_sha256=hashlib.sha256(good).hexdigest(),
+                headers={APPROVAL_HEADER: encode(approval).hex()})
+            async with httpx.AsyncClient(timeout=30) as http:
+                r = await http.put(url, content=good, headers=signed_headers)
+            assert (r.status_code, parse_error(r).code) == (400, "InvalidArgument"), r.text
         assert await store.keys(obj.id) == []
         assert piece_rows(db_path, obj.id) == []
         assert target_node.node.ctx.limiter.used("receiver").memory == 0  # type: ignore[union-attr]

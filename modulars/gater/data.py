@@ -22,6 +22,7 @@ own prefix, and a path there that no API route matches is a 404.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -58,9 +59,12 @@ def _names(call: Call) -> tuple[str, str]:
     return bucket, schemas.check_object(call.path("object"))
 
 
+_INT_RE = re.compile(r"-?[0-9]{1,19}", re.ASCII)
+
+
 def _int(call: Call, name: str, lo: int = 0) -> int:
     raw = call.path(name)
-    if not (raw.isascii() and raw.lstrip("-").isdigit()) or len(raw) > 20:
+    if _INT_RE.fullmatch(raw) is None:
         raise ServiceError("InvalidArgument", f"{name} must be an integer", 400)
     value = int(raw)
     if value < lo:
