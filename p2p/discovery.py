@@ -31,6 +31,7 @@ from p2p.messages import (
     MAX_ADDRS,
     MAX_PEERS,
     PING_PROTOCOL,
+    SIG_LEN,
     InvalidMessage,
     PeerInfo,
     Ping,
@@ -89,7 +90,22 @@ class Discovery:
                     nonce=new_nonce(), ping_nonce=ping.nonce,
                     peers=self.exchange(exclude=ping.peer_id,
                                         limit=MAX_PEERS if full else self.cfg.exchange_sample))
+        pong = self._fit(pong)
         return dataclasses.replace(pong, sig=self.signer.sign_p2p_pong_msg(pong))
+
+    def _fit(self, pong: Pong) -> Pong:
+        """``pong`` with peer entries dropped, largest first, until it fits the frame limit
+        the asker applies: peers with long addrs (8 of up to 256 characters each are valid)
+        must not make our every pong too large to be read."""
+        limit = self.cfg.max_ping_frame
+        peers = sorted(pong.peers, key=_entry_size)
+        while peers and len(encode(dataclasses.replace(
+                pong, peers=tuple(peers), sig=bytes(SIG_LEN)))) > limit:
+            dropped = peers.pop()
+            log.debug("pong to %s: peer %s left out (the pong would pass %d bytes)",
+                      pong.peer_id, dropped.peer_id, limit)
+        return pong if len(peers) == len(pong.peers) else dataclasses.replace(
+            pong, peers=tuple(peers))
 
     def exchange(self, *, exclude: str = "", limit: int = MAX_PEERS) -> tuple[PeerInfo, ...]:
         """Trusted peers for peer exchange: up to 64 (most recently seen first), or a random
@@ -187,8 +203,9 @@ class Discovery:
             return
         if sp is None or sp.peer_id != peer.peer_id or not sp.in_service:
             return
+        # the registry's addrs first: a third party's pong could name junk ones
         if await self.table.put(PeerRecord(peer.peer_id, peer.operator,
-                                           peer.addrs or sp.p2p_addrs, CANDIDATE)):
+                                           sp.p2p_addrs or peer.addrs, CANDIDATE)):
             # First contact from one side (the smaller peer id) at once, from the other a
             # quarter period later unless it was pinged meanwhile: two nodes learning each
             # other together do not both dial, and a link never waits for a whole round.
@@ -261,3 +278,7 @@ class Discovery:
     def handle_query_bootstrap(self) -> list[str]:
         """The seed's HandleQueryBootstrap: known peers as ``<peer id>@<multiaddr>``."""
         return [f"{p.peer_id}@{p.addrs[0]}" for p in self.table.trusted() if p.addrs]
+
+
+def _entry_size(peer: PeerInfo) -> int:
+    return len(peer.peer_id) + len(peer.operator) + sum(len(a) + 1 for a in peer.addrs)

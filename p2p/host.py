@@ -706,9 +706,19 @@ class P2PHost:
             raise ProtocolError("cannot connect to ourselves")
         if self.is_connected(peer_id):
             return
-        maddrs = [_transport_addr(a, peer_id) for a in addrs]
-        if not maddrs:
+        if not addrs:
             raise PeerUnreachable(f"not connected to {peer_id} and no address to dial")
+        maddrs = []
+        for a in addrs:  # one bad address (a peer's record can hold any) spoils no other
+            try:
+                maddrs.append(_transport_addr(a, peer_id))
+            except ProtocolError as exc:
+                if len(addrs) == 1:
+                    raise
+                log.debug("connect %s: skipping %s", peer_id, exc)
+        if not maddrs:
+            raise ProtocolError(f"no address of {peer_id} is a dialable multiaddr: "
+                                f"{list(addrs)[:3]}")
         try:
             with trio.fail_after(self._connect_timeout):
                 try:

@@ -23,6 +23,8 @@ from node.errors import SignatureError
 NONCE_LEN = 16
 CHECKSUM_LEN = 32
 MAX_ADDRS = 8
+#: Longest multiaddr accepted in a message (a real one is well under 100 characters)
+MAX_ADDR_LEN = 256
 MAX_PEERS = 64
 MAX_CHECKSUMS = 1 + 64
 
@@ -202,6 +204,11 @@ def _check_common(wire: dict[str, Any], what: str) -> None:
 def _addrs(value: list[Any], what: str) -> tuple[str, ...]:
     if len(value) > MAX_ADDRS or not all(isinstance(a, str) for a in value):
         raise _bad(what, f"addrs must be at most {MAX_ADDRS} strings")
+    for a in value:
+        if not (0 < len(a) <= MAX_ADDR_LEN and a.startswith("/") and a.isascii()
+                and a.isprintable() and " " not in a):
+            raise _bad(what, f"an addr is not a multiaddr of at most {MAX_ADDR_LEN} "
+                       f"characters: {a[:80]!r}")
     return tuple(value)
 
 

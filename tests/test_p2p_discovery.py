@@ -103,3 +103,49 @@ async def test_a_full_limiter_skips_pings_and_discovery_goes_on(tmp_path):
                 assert after.state == "trusted" and after.missed == b_rec.missed == 0
             assert await a.p2p.discovery.ping_peer(b.sp.peer_id) is True
         nursery.cancel_scope.cancel()
+
+
+async def test_peers_with_long_addrs_never_make_a_pong_too_large(tmp_path):
+    """Each of 64 trusted peers may validly carry 8 addrs of 256 characters: a pong listing
+    them all would pass the 64 KiB ping frame limit and every asker would refuse it. The
+    answerer leaves out the largest entries until the pong fits (found in review)."""
+    from p2p.messages import MAX_ADDR_LEN, MAX_ADDRS, MAX_PEERS, PeerInfo
+    from p2p.peers import TRUSTED, PeerRecord
+
+    sps = make_sps(tmp_path, 2, p2p={"ping_interval": 30.0})
+    async with trio.open_nursery() as nursery:
+        asker, answerer = await start_nodes(nursery, sps)
+        with trio.fail_after(20):
+            await wait_until(lambda: answerer.trusted() == {asker.sp.peer_id})
+            table = answerer.p2p.table
+            honest = PeerRecord("12D3KooWHonest", "0x" + "ab" * 20, ("/ip4/10.0.0.1/tcp/1",),
+                                TRUSTED)
+            await table.put(honest)
+            for i in range(MAX_PEERS):
+                addr = f"/dns4/h{i}.example/tcp/1/"
+                await table.put(PeerRecord(
+                    f"12D3KooWLong{i:03d}", "0x" + f"{i:02x}" * 20,
+                    tuple(addr + "x" * (MAX_ADDR_LEN - len(addr)) for _ in range(MAX_ADDRS)),
+                    TRUSTED))
+            await table.remove(asker.sp.peer_id)  # a stranger: it gets the full list
+            pong = await _pong_from(asker, answerer.sp.peer_id)  # decoded within 64 KiB
+            assert PeerInfo(honest.peer_id, honest.operator, honest.addrs) in pong.peers
+            assert 0 < len(pong.peers) < MAX_PEERS
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_candidate_is_dialed_at_its_registered_addrs(tmp_path):
+    """A peer named in a pong is recorded with the addrs the registry lists for it, not
+    the ones the pong claims (a third party could plant junk there)."""
+    from p2p.messages import PeerInfo
+
+    sps = make_sps(tmp_path, 3, p2p={"ping_interval": 30.0})
+    async with trio.open_nursery() as nursery:
+        node, _ = await start_nodes(nursery, sps[:2])
+        third = sps[2]  # registered, not running
+        with trio.fail_after(10):
+            await node.p2p.discovery._learn(PeerInfo(
+                third.peer_id, third.keys.operator.address, ("/ip4/10.6.6.6/tcp/6",)))
+            rec = node.p2p.table.get(third.peer_id)
+            assert rec is not None and rec.addrs == (third.addr,)
+        nursery.cancel_scope.cancel()

@@ -358,6 +358,9 @@ async def test_connect_to_wrong_peer_id() -> None:
             addr = server.listen_addrs[0].rsplit("/p2p/", 1)[0]
             with pytest.raises((PeerUnreachable, P2PTimeout)):
                 await client.connect(other, [addr])
+            # a bad address beside a good one is skipped, not fatal
+            await client.connect(server.peer_id, ["garbage", "/ip4/x", addr])
+            assert client.is_connected(server.peer_id)
             assert not client.is_connected(other)
             assert await request(client, server, b"ok") == b"echo:ok"
 

@@ -108,8 +108,14 @@ def test_a_signature_for_one_type_is_not_valid_for_another():
     lambda w: w.update(operator="not-an-address"),
     lambda w: w.update(addrs=["/ip4/1.2.3.4/tcp/1"] * 9),
     lambda w: w.update(addrs=[1]),
+    lambda w: w.update(addrs=["/ip4/1.2.3.4/tcp/1/" + "x" * 300]),
+    lambda w: w.update(addrs=["ip4/1.2.3.4/tcp/1"]),
+    lambda w: w.update(addrs=["/ip4/1.2.3.4/tcp/1 /x"]),
+    lambda w: w.update(addrs=["/ip4/1.2.3.4/tcp/1\n"]),
+    lambda w: w.update(addrs=[""]),
 ], ids=["missing", "extra", "str-ts", "bool-ts", "float-ts", "short-nonce", "short-sig",
-        "bad-operator", "too-many-addrs", "non-str-addr"])
+        "bad-operator", "too-many-addrs", "non-str-addr", "long-addr", "relative-addr",
+        "space-in-addr", "newline-in-addr", "empty-addr"])
 def test_shape_violations_are_invalid(mutate):
     wire = msgpack.unpackb(encode(samples()[0]))
     mutate(wire)
