@@ -221,6 +221,7 @@ class DevChainClient:
         self._params: StorageParams | None = None
         self._sps: dict[str, SPInfo] = {}
         self._sps_at = -math.inf
+        self._sps_lock = trio.Lock()
 
     @classmethod
     def from_config(cls, section: ChainSection) -> DevChainClient:
@@ -336,10 +337,17 @@ class DevChainClient:
         self._sps_at = trio.current_time()
         return self._sps
 
-    async def _sp_cache(self, *, miss: bool = False) -> dict[str, SPInfo]:
+    def _sps_stale(self, miss: bool) -> bool:
         age = trio.current_time() - self._sps_at
-        if age > self.sp_cache_ttl or (miss and age > self.sp_miss_ttl):
-            return await self._refresh_sps()
+        return age > self.sp_cache_ttl or (miss and age > self.sp_miss_ttl)
+
+    async def _sp_cache(self, *, miss: bool = False) -> dict[str, SPInfo]:
+        if self._sps_stale(miss):
+            # one refresh at a time: the tasks that find the cache stale together (a burst of
+            # pings from unknown operators, or any load when it expires) share it
+            async with self._sps_lock:
+                if self._sps_stale(miss):
+                    return await self._refresh_sps()
         return self._sps
 
     async def get_sp(self, operator: str) -> SPInfo | None:

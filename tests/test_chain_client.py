@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -221,3 +222,25 @@ async def test_from_config() -> None:
     async with DevChainClient.from_config(section) as c:
         assert c.endpoint == "http://127.0.0.1:9"
         assert c.request_timeout == float(section.request_timeout)
+
+
+async def test_concurrent_registry_misses_share_one_refresh(world: World) -> None:
+    """Many lookups of unknown operators at once (a burst of pings from strangers) make one
+    GET /sps, not one each (found in review)."""
+    c = world.client
+    await c.list_sps()  # fills the cache
+    refreshes = 0
+    refresh = c._refresh_sps
+
+    async def counted() -> Any:
+        nonlocal refreshes
+        refreshes += 1
+        return await refresh()
+
+    c._refresh_sps = counted  # type: ignore[method-assign]
+    c._sps_at -= c.sp_miss_ttl + 0.01  # as if filled a miss TTL ago: a miss refreshes it
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(c.sp_by_operator, "0x" + f"{i:02x}" * 20)
+    assert refreshes == 1
