@@ -893,8 +893,11 @@ class P2PHost:
             return
         try:
             await handler(stream)
-        except P2PError as exc:
-            log.debug("p2p: %s handler for %s: %s", protocol, stream.remote_peer_id, exc)
+        except (GfspError, trio.TooSlowError) as exc:
+            # ours and the peer's doing (a bad frame or signature, a deadline, no room in
+            # the limiter): one line at debug, which any peer can cause at will
+            log.debug("p2p: %s handler for %s: %s: %s", protocol, stream.remote_peer_id,
+                      type(exc).__name__, exc)
             await stream.reset()
             return
         except Exception:  # a guard for handler bugs: logged with traceback, stream reset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import struct
 from collections.abc import AsyncIterator, Mapping
@@ -12,7 +13,7 @@ import trio
 import trio.testing
 
 from node.crypto import PrivateKey
-from node.errors import GfspError
+from node.errors import GfspError, SignatureError
 from p2p.host import (
     FrameTooLarge,
     Handler,
@@ -183,7 +184,8 @@ async def test_large_frame_round_trip() -> None:
             assert got == big[::-1]
 
 
-async def test_failing_handler_resets_only_its_stream() -> None:
+async def test_failing_handler_resets_only_its_stream(caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
     calls = 0
 
     async def flaky(stream: Stream) -> None:
@@ -194,16 +196,25 @@ async def test_failing_handler_resets_only_its_stream() -> None:
             raise RuntimeError("handler bug")
         if calls == 2:
             raise StreamClosed("one of ours")
+        if calls == 3:
+            raise SignatureError("a peer's bad message")
+        if calls == 4:
+            raise trio.TooSlowError
         await stream.write_frame(b"fine")
 
+    caplog.set_level(logging.DEBUG, logger="p2p.host")
     with trio.fail_after(DEADLINE):
         async with two_hosts({ECHO: flaky}) as (server, client):
-            with pytest.raises(StreamClosed):
-                await request(client, server, b"1")
-            with pytest.raises(StreamClosed):
-                await request(client, server, b"2")
-            assert await request(client, server, b"3") == b"fine"
+            for i in range(4):
+                with pytest.raises(StreamClosed):
+                    await request(client, server, str(i).encode())
+            assert await request(client, server, b"5") == b"fine"
             assert client.is_connected(server.peer_id)
+    # a bug is logged with its traceback; what any peer can cause, in one line at debug
+    failed = [r for r in caplog.records if "handler for" in r.getMessage()]
+    assert [(r.levelno, r.exc_info is not None) for r in failed] == [
+        (logging.INFO, True), (logging.DEBUG, False), (logging.DEBUG, False),
+        (logging.DEBUG, False)]
 
 
 async def test_unknown_protocol() -> None:
