@@ -2,7 +2,9 @@
 
 ``executor.workers`` workers each ask the manager for the most urgent task that fits what the
 executor's limiter scope has left (:meth:`ask_task`), reserve its estimate for the run, handle
-it, and report the result (:meth:`report_task`):
+it, and report the result (:meth:`report_task`). A run stops a little before its lease
+(``task.timeout``) ends, when the manager would hand the task out again, so that two runs of
+one task never overlap; an unexpected error fails the task, never the worker.
 
 - ReplicatePiece (primary): approvals from the P2P modular (min = data + parity, max = min +
   ``p2p.approval_backups``); each segment is read from the piece store once, erasure-coded in a
@@ -10,8 +12,11 @@ it, and report the result (:meth:`report_task`):
   approval attached). A secondary that fails is replaced by a backup approval, which gets every
   piece of that index again. Each secondary's "done" returns its integrity signature, checked
   against its approval key on the chain and the object's checksum for its index. Then the task
-  carries the secondaries and signatures, and the manager queues the seal.
-- SealObject: the signer seals on the chain (it retries sequence problems itself).
+  carries the secondaries, signatures and when they signed, and the manager queues the seal.
+- SealObject: the signer seals on the chain (it retries sequence problems itself), unless the
+  signatures are so old that a secondary may have stopped waiting for the seal and dropped its
+  pieces (``executor.seal_confirm_timeout``, less a margin): then SealTooLate, and the manager
+  replicates the object again.
 - ReceivePiece (secondary): confirm the object was sealed with us at our index; when it is not
   sealed within ``executor.seal_confirm_timeout`` (or sealed without us, or deleted), collect
   our pieces.
@@ -61,8 +66,19 @@ APPROVAL_HEADER = "x-gfsp-approval"
 SEND_CHUNK = 256 * 1024
 
 
+#: Seconds before the end of its lease at which a task's run is stopped (see run_task)
+LEASE_MARGIN = 5.0
+#: Seconds (or a tenth of ``seal_confirm_timeout``, if more) before the secondaries' seal
+#: deadline after which the primary no longer seals with their signatures
+SEAL_MARGIN = 5.0
+
+
 class ReplicateError(GfspError):
     """A replication step failed (the task is retried by the manager)."""
+
+
+class SealTooLate(GfspError):
+    """The secondaries' signatures are too old to seal with (see handle_seal_object_task)."""
 
 
 class NotSealedYet(GfspError):
@@ -123,14 +139,24 @@ class TaskExecutor(ModularBase):
             await self.run_task(task)
 
     async def run_task(self, task: Task) -> None:
-        """Handle one task within its reserved estimate, then report it."""
+        """Handle one task within its reserved estimate and its lease, then report it.
+
+        The manager leases a dispatched task for ``task.timeout`` seconds and hands it out
+        again once the lease ends; the run stops a little before that (:data:`LEASE_MARGIN`,
+        at most a tenth of the lease) and reports the attempt failed, so that two runs of
+        one task never overlap."""
         estimate = task.estimate()
         self.running[task.key] = task
         error = ""
+        budget = task.timeout - min(LEASE_MARGIN, task.timeout / 10)
         try:
             with self.ctx.limiter.span(self.name, memory=estimate.memory,
                                        task_priority=task.priority):
-                await self.handle(task)
+                with trio.move_on_after(budget) as lease:
+                    await self.handle(task)
+            if lease.cancelled_caught:
+                error = f"LeaseEnded: stopped after {budget:.1f} s of its {task.timeout:g} s lease"
+                log.warning("task %s: %s", task.key, error, extra={"task_key": task.key})
         except (GfspError, httpx.HTTPError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             level = logging.INFO if isinstance(exc, NotSealedYet) else logging.WARNING
@@ -196,26 +222,31 @@ class TaskExecutor(ModularBase):
             except BaseExceptionGroup as group:
                 raise unwrap(group) from None
         signatures: list[bytes] = [b""] * n
+        signed_at: list[float] = [0.0] * n
         switching = trio.Lock()  # one backup re-sent at a time: one segment's pieces held
         try:
             async with trio.open_nursery() as nursery:  # every secondary's "done" at once
                 for index in range(n):
                     nursery.start_soon(self._done_or_switch, targets, backups, index, task,
-                                       codec, segments, signatures, switching)
+                                       codec, segments, signatures, signed_at, switching)
         except BaseExceptionGroup as group:
             raise unwrap(group) from None
         task.secondaries = [t.approver for t in targets]
         task.secondary_signatures = signatures
+        task.signed_at = min(signed_at)
 
     async def _done_or_switch(self, targets: list[ApprovalResponse],
                               backups: list[ApprovalResponse], index: int,
                               task: ReplicatePieceTask, codec: _ObjectCodec, segments: int,
-                              signatures: list[bytes], switching: trio.Lock) -> None:
-        """Secondary ``index``'s signature; a secondary that fails "done" is switched to a
-        backup (sent every piece of that index again) until one signs or none is left."""
+                              signatures: list[bytes], signed_at: list[float],
+                              switching: trio.Lock) -> None:
+        """Secondary ``index``'s signature (and when it came: the secondary's seal deadline
+        runs from about then); a secondary that fails "done" is switched to a backup (sent
+        every piece of that index again) until one signs or none is left."""
         while True:
             try:
                 signatures[index] = await self._done(targets[index], task, index)
+                signed_at[index] = time.time()
                 return
             except (ReplicateError, httpx.HTTPError) as exc:
                 log.warning("secondary %s failed done for %s index %d: %s",
@@ -402,6 +433,15 @@ class TaskExecutor(ModularBase):
     # --- SealObject -----------------------------------------------------------------------
 
     async def handle_seal_object_task(self, task: SealObjectTask) -> None:
+        """Seal with the secondaries' signatures, unless they are so old that a secondary
+        may have given up waiting (``seal_confirm_timeout``) and dropped its pieces: the
+        chain would then list secondaries that hold nothing. That is :class:`SealTooLate`,
+        on which the manager replicates the object again."""
+        wait = self.cfg.seal_confirm_timeout
+        deadline = task.signed_at + wait - max(SEAL_MARGIN, wait / 10)
+        if task.signed_at and time.time() > deadline:
+            raise SealTooLate(f"the secondaries signed {time.time() - task.signed_at:.0f} s "
+                              f"ago; past {wait:g} s they may have dropped their pieces")
         await self.ctx.modulars.signer.seal_object(
             object_id=task.object.id, secondaries=task.secondaries,
             secondary_sigs=task.secondary_signatures)

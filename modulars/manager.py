@@ -129,6 +129,8 @@ _MAX_OBJECT_ID: Final = 2**63 - 1
 
 # upload_progress states written by the manager (the uploader writes UPLOADING/UPLOADED/FAILED).
 REPLICATING, SEALING, SEALED, UPLOAD_FAILED = "REPLICATING", "SEALING", "SEALED", "FAILED"
+#: How the executor's error of a seal whose signatures are too old begins (its SealTooLate)
+SEAL_TOO_LATE: Final = "SealTooLate:"
 
 _COLUMNS: Final = ("key, type, priority, state, payload, create_time, update_time, retry, "
                    "max_retry, error")
@@ -842,15 +844,18 @@ class Manager(ModularBase):
                 return []
             return [SealObjectTask(
                 object=task.object, params=task.params, secondaries=list(task.secondaries),
-                secondary_signatures=list(task.secondary_signatures), create_time=now,
-                max_retry=self.cfg.max_retry)]
+                secondary_signatures=list(task.secondary_signatures),
+                signed_at=task.signed_at, create_time=now, max_retry=self.cfg.max_retry)]
 
         await self._settle(task, follow=next_tasks,
                            progress=(SEALED if task.sealed else SEALING, False))
 
     async def handle_seal_object_task(self, task: SealObjectTask) -> None:
-        """The executor's seal result: done completes the upload's lifecycle."""
-        await self._settle(task, progress=(SEALED, False))
+        """The executor's seal result: done completes the upload's lifecycle. Signatures too
+        old to seal with (``SealTooLate``) are not retried: the object is replicated again
+        (new approvals, pieces, signatures) instead."""
+        await self._settle(task, progress=(SEALED, False),
+                           retryable=not task.error.startswith(SEAL_TOO_LATE))
 
     async def handle_receive_piece_task(self, task: ReceivePieceTask) -> None:
         """Two reporters (as in the seed):
@@ -987,6 +992,14 @@ class Manager(ModularBase):
         """Consequences of a task failing for good (inside its transaction); new tasks."""
         obj = getattr(task, "object", None)
         if not isinstance(obj, ObjectInfo):
+            return []
+        if isinstance(task, SealObjectTask) and task.error.startswith(SEAL_TOO_LATE):
+            again = ReplicatePieceTask(object=obj, params=task.params, create_time=now,
+                                       max_retry=self.cfg.max_retry)
+            if _state_of(conn, again.key) not in _ACTIVE:
+                _write(conn, again, PENDING)
+                _set_progress(conn, obj, REPLICATING, "", now)
+                return [again]
             return []
         if task.type in (TaskType.UploadObject, TaskType.ReplicatePiece, TaskType.SealObject):
             _set_progress(conn, obj, UPLOAD_FAILED, f"{task.type}: {task.error}", now)

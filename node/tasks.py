@@ -493,6 +493,8 @@ class ReplicatePieceTask(Task):
     params: StorageParams
     secondaries: list[str] = field(default_factory=list)
     secondary_signatures: list[bytes] = field(default_factory=list)
+    #: wall time of the earliest signature (a secondary's seal deadline starts about then)
+    signed_at: float = 0.0
     sealed: bool = False
     priority: int = DEFAULT_PRIORITY[TaskType.ReplicatePiece]
     timeout: float = 300.0
@@ -531,6 +533,9 @@ class SealObjectTask(Task):
     params: StorageParams
     secondaries: list[str] = field(default_factory=list)
     secondary_signatures: list[bytes] = field(default_factory=list)
+    #: the replication's ``signed_at``: past it plus the secondaries' seal_confirm_timeout
+    #: they may have dropped their pieces, and the seal must not be sent (0: unknown)
+    signed_at: float = 0.0
     priority: int = DEFAULT_PRIORITY[TaskType.SealObject]
     timeout: float = 120.0
     max_retry: int = 3
@@ -842,13 +847,18 @@ def _fields_from_wire(cls: type, value: Any, path: str) -> dict[str, Any]:
         raise TaskError(f"{path}: expected a map of fields, got {type(value).__name__}")
     schema = _schema(cls)
     names = {name for name, _ in schema}
-    missing = sorted(names - value.keys())
+    # a field with a default may be absent: a row written before that field existed
+    defaulted = {f.name for f in dataclasses.fields(cls)
+                 if f.default is not dataclasses.MISSING
+                 or f.default_factory is not dataclasses.MISSING}
+    missing = sorted(names - value.keys() - defaulted)
     if missing:
         raise TaskError(f"{path}: missing field(s) {', '.join(missing)}")
     unknown = sorted(str(k) for k in value.keys() - names)
     if unknown:
         raise TaskError(f"{path}: unknown field(s) {', '.join(unknown)}")
-    return {name: _from_wire(tp, value[name], f"{path}.{name}") for name, tp in schema}
+    return {name: _from_wire(tp, value[name], f"{path}.{name}") for name, tp in schema
+            if name in value}
 
 
 def encode_task(task: Task) -> bytes:

@@ -30,6 +30,7 @@ from modulars.manager import (
     FAILED,
     PENDING,
     RUNNING,
+    SEAL_TOO_LATE,
     DuplicateTask,
     Manager,
     _fast_estimate,
@@ -392,6 +393,29 @@ async def test_failed_upload_may_be_put_again(manager: Manager, clock: FakeClock
     clock.advance(again.timeout + 1)
     await manager.handle_create_upload_object_task(upload(3))
     assert await manager.get_state(up.key) == RUNNING
+
+
+async def test_a_seal_too_late_replicates_again(manager: Manager, clock: FakeClock) -> None:
+    """The seal carries when the secondaries signed; an executor that finds them too old to
+    seal with (a secondary may have dropped its pieces) reports SealTooLate: not retried,
+    the object is replicated again instead (found in review)."""
+    await manager.add_task(replicate(8))
+    rep = await manager.dispatch_task(ALL)
+    assert isinstance(rep, ReplicatePieceTask)
+    rep.secondaries, rep.secondary_signatures = list(SECONDARIES), list(SIGNATURES)
+    rep.signed_at = 1234.5
+    await manager.report_task(rep)
+    seal = await manager.dispatch_task(ALL)
+    assert isinstance(seal, SealObjectTask) and seal.signed_at == 1234.5
+    seal.set_error(f"{SEAL_TOO_LATE} the secondaries signed 200 s ago")
+    await manager.report_task(seal)
+    assert await manager.get_state(seal.key) == FAILED  # at once, no retry
+    again = await manager.dispatch_task(ALL)
+    assert isinstance(again, ReplicatePieceTask) and again.key == rep.key
+    assert (again.secondaries, again.signed_at, again.retry) == ([], 0.0, 0)
+    state = await manager.ctx.db.run(lambda c: c.execute(
+        "SELECT state FROM upload_progress WHERE object_id = 8").fetchone()[0])
+    assert state == "REPLICATING"
 
 
 async def test_replicate_reporting_sealed_skips_the_seal(manager: Manager) -> None:
@@ -760,3 +784,9 @@ async def test_ten_thousand_pending_tasks_dispatch_fast(tmp_path: Path, clock: F
         assert reload_s < 5.0, f"reloading 10k tasks took {reload_s:.2f} s"
         got = await m.dispatch_task(ALL)
         assert got is not None and got.priority == 255
+
+
+def test_the_seal_too_late_prefix_is_the_executors_error() -> None:
+    from modulars.executor import SealTooLate
+
+    assert SEAL_TOO_LATE == f"{SealTooLate.__name__}:"

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from modulars.executor import ReplicateError, TaskExecutor
+from modulars.executor import ReplicateError, SealTooLate, TaskExecutor
 from node.app import build_limiter
 from node.config import Config, LimitsSection, LimitValues
 from node.db import open_spdb
@@ -26,7 +27,7 @@ from node.ec import Codec, object_checksums, split
 from node.errors import GfspError
 from node.modular import NodeContext
 from node.piecestore import LocalPieceStore, segment_key
-from node.tasks import ObjectInfo, ReplicatePieceTask, StorageParams
+from node.tasks import ObjectInfo, ReplicatePieceTask, SealObjectTask, StorageParams
 from p2p.messages import SIG_LEN, ApprovalResponse
 from testnet.devchain.testing import new_keyset
 
@@ -322,3 +323,63 @@ async def test_an_unexpected_error_fails_the_task_not_the_worker(tmp_path: Path)
         assert reported == ["RuntimeError: a bug"]
         assert ex.running == {}
         assert ex.ctx.limiter.used("executor").memory == 0
+
+
+async def test_a_run_stops_before_its_lease_ends(tmp_path: Path, autojump_clock: Any) -> None:
+    """The manager hands a task out again once its lease (``timeout``) ends: the executor
+    stops its run a little before, reports the attempt failed and frees what it held, so
+    two runs of one task never overlap (found in review)."""
+    async with executor(tmp_path, os.urandom(SEG)) as (ex, _http, task):
+        task.timeout = 30.0
+        reported: list[str | None] = []
+
+        async def stuck(_task: Any) -> None:
+            await trio.sleep_forever()  # e.g. a secondary that takes bytes very slowly
+
+        async def report(t: Any) -> None:
+            reported.append(t.error)
+
+        ex.handle = stuck  # type: ignore[method-assign]
+        ex.report_task = report  # type: ignore[method-assign]
+        t0 = trio.current_time()
+        await ex.run_task(task)
+        assert 30.0 - 5.0 <= trio.current_time() - t0 < 30.0
+        assert reported[0] is not None and reported[0].startswith("LeaseEnded")
+        assert ex.running == {}
+        assert ex.ctx.limiter.used("executor").memory == 0
+
+
+async def test_replication_records_when_the_secondaries_signed(tmp_path: Path) -> None:
+    async with executor(tmp_path, os.urandom(2 * SEG)) as (ex, _http, task):
+        before = time.time()
+        with trio.fail_after(20):
+            await ex.handle_replicate_piece_task(task)
+        assert before <= task.signed_at <= time.time()
+
+
+@pytest.mark.parametrize(("age", "seals"), [(None, True), (1.0, True), (200.0, False),
+                                             (110.0, False)])
+async def test_no_seal_with_signatures_a_secondary_may_have_given_up_on(
+        tmp_path: Path, age: float | None, seals: bool) -> None:
+    """A secondary drops its pieces ``seal_confirm_timeout`` (120 s) after it signed unless
+    the object is sealed: past that (less a margin) the primary must not seal with its
+    signature, or the chain would list a secondary that holds nothing (found in review)."""
+    async with executor(tmp_path, os.urandom(SEG)) as (ex, _http, task):
+        sealed: list[int] = []
+
+        class Signer(FakeSigner):
+            async def seal_object(self, *, object_id: int, secondaries: list[str],
+                                  secondary_sigs: list[bytes]) -> None:
+                sealed.append(object_id)
+
+        ex.ctx.modulars.mark_running(Signer())
+        seal = SealObjectTask(object=task.object, params=PARAMS, secondaries=["sp0"],
+                              secondary_signatures=[b"s"],
+                              signed_at=0.0 if age is None else time.time() - age)
+        if seals:
+            await ex.handle_seal_object_task(seal)
+            assert sealed == [OBJECT_ID]
+        else:
+            with pytest.raises(SealTooLate, match="may have dropped"):
+                await ex.handle_seal_object_task(seal)
+            assert sealed == []
