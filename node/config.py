@@ -89,6 +89,9 @@ class P2PSection:
                                    lo=1, hi=10_000)
     max_inbound_streams: int = _f(1024, "Inbound streams negotiated or served at once; more "
                                         "are reset at once.", lo=1, hi=1_000_000)
+    max_inbound_per_peer: int = _f(128, "Inbound streams one peer may have negotiated or "
+                                         "served at once; more are reset at once.",
+                                   lo=1, hi=1_000_000)
     exchange_sample: int = _f(4, "Peers listed in a pong to an already trusted peer (a "
                                  "new or returning one gets every trusted peer, up to 64).",
                               lo=0, hi=64)

@@ -106,6 +106,9 @@ READ_AHEAD = 64 * 1024
 _STREAM_EVENTS = frozenset({"opened_stream", "closed_stream"})
 #: Inbound streams a host negotiates or serves at once before it resets new ones
 DEFAULT_MAX_INBOUND_STREAMS = 1024
+DEFAULT_MAX_INBOUND_PER_PEER = 128
+#: Decides whether a remote peer id may open streams to us (e.g. "is it a registered SP")
+Admit = Callable[[str], Awaitable[bool]]
 #: Parsed peer ids a host remembers (more than any network of SPs we serve).
 _MAX_IDS = 4096
 #: Stream I/O errors other than libp2p's own that a dead connection can surface.
@@ -643,12 +646,18 @@ class P2PHost:
 
     def __init__(self, host: Any, *, connect_timeout: float,
                  handlers: Mapping[str, Handler],
-                 max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS) -> None:
+                 max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS,
+                 max_inbound_per_peer: int = DEFAULT_MAX_INBOUND_PER_PEER,
+                 admit: Admit | None = None) -> None:
         self._host = host
         self._connect_timeout = connect_timeout
         self._handlers: dict[str, Handler] = dict(handlers)
         self._max_inbound = max_inbound_streams
+        self._max_per_peer = max_inbound_per_peer
+        self._admit = admit
         self.inbound_streams = 0  # being negotiated or served now
+        self._inbound_by_peer: Counter[str] = Counter()  # the same, by remote peer id
+        self.inbound_refused: Counter[str] = Counter()  # streams reset before negotiating, why
         self.inbound_protocols: Counter[str] = Counter()  # streams served, by protocol
         self._remotes: dict[Any, tuple[str, bytes]] = {}  # libp2p ID -> (base58, public key)
         self._ids: dict[str, ID] = {}  # parsed peer ids (base58 decoding costs ~50 us)
@@ -868,6 +877,37 @@ class P2PHost:
             log.info("p2p: refused an inbound stream: %s", exc)
             await _quietly("stream reset", raw.reset)
             return
+        peer = stream.remote_peer_id
+        if self._inbound_by_peer[peer] >= self._max_per_peer:
+            self.inbound_refused["per_peer"] += 1
+            log.debug("p2p: %s has %d inbound streams already: one more reset", peer,
+                      self._max_per_peer)
+            await stream.reset()
+            return
+        self._inbound_by_peer[peer] += 1
+        try:
+            if self._admit is not None:
+                admitted = False
+                with trio.move_on_after(self._connect_timeout):
+                    try:
+                        admitted = await self._admit(peer)
+                    except GfspError as exc:  # e.g. the registry cannot be asked now
+                        log.debug("p2p: cannot admit %s now: %s", peer, exc)
+                    except Exception:  # a bug in the hook: this stream only
+                        log.info("p2p: admitting %s failed", peer, exc_info=True)
+                if not admitted:
+                    self.inbound_refused["not_admitted"] += 1
+                    log.debug("p2p: a stream from %s, which is not admitted: reset", peer)
+                    await stream.reset()
+                    return
+            await self._negotiate_and_handle(stream)
+        finally:
+            self._inbound_by_peer[peer] -= 1
+            if not self._inbound_by_peer[peer]:
+                del self._inbound_by_peer[peer]
+
+    async def _negotiate_and_handle(self, stream: Stream) -> None:
+        raw = stream._raw
         libp2p_handlers = self._host.get_mux().handlers
         try:
             with trio.fail_after(self._connect_timeout):
@@ -994,20 +1034,23 @@ def _key_pair(key: PrivateKey) -> KeyPair:
 @asynccontextmanager
 async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
                     handlers: Mapping[str, Handler],
-                    max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS
-                    ) -> AsyncIterator[P2PHost]:
+                    max_inbound_streams: int = DEFAULT_MAX_INBOUND_STREAMS,
+                    max_inbound_per_peer: int = DEFAULT_MAX_INBOUND_PER_PEER,
+                    admit: Admit | None = None) -> AsyncIterator[P2PHost]:
     """Run a libp2p host with ``key`` as identity, listening on ``listen``; yield it.
 
     Noise only, Yamux only, one connection per peer. Each ``handlers`` entry maps a protocol
     id to an async function taking a :class:`Stream`; it runs guarded (an exception resets
-    only its stream; after it returns the stream is closed). On the way out every handler is
-    cancelled and the host (listener included) is closed. Errors raised by the body come out
-    unwrapped from libp2p's exception groups.
+    only its stream; after it returns the stream is closed). A remote peer opens at most
+    ``max_inbound_per_peer`` streams at once, and, given ``admit``, only once it admits the
+    peer id (asked before the protocol is negotiated, within ``connect_timeout``). On the way
+    out every handler is cancelled and the host (listener included) is closed. Errors raised
+    by the body come out unwrapped from libp2p's exception groups.
     """
     if not (connect_timeout > 0 and math.isfinite(connect_timeout)):
         raise ValueError("connect_timeout must be a positive number of seconds")
-    if max_inbound_streams < 1:
-        raise ValueError("max_inbound_streams must be >= 1")
+    if max_inbound_streams < 1 or max_inbound_per_peer < 1:
+        raise ValueError("max_inbound_streams and max_inbound_per_peer must be >= 1")
     _quiet_libp2p_logs()
     _GfspYamux.install()
     _BufferedTCPStream.install()
@@ -1033,7 +1076,8 @@ async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
     # per stream) is replaced by the node's limiter in the handlers and max_inbound_streams
     host.get_network().set_resource_manager(None)
     p2p = P2PHost(host, connect_timeout=connect_timeout, handlers=handlers,
-                  max_inbound_streams=max_inbound_streams)
+                  max_inbound_streams=max_inbound_streams,
+                  max_inbound_per_peer=max_inbound_per_peer, admit=admit)
     host.get_network().set_stream_handler(p2p._inbound)
 
     started = False

@@ -77,7 +77,9 @@ class P2PModular(ModularBase):
                           task_status: trio.TaskStatus[None]) -> None:
         async with open_host(self.ctx.keys.p2p, self.cfg.listen,
                              connect_timeout=self.cfg.connect_timeout, handlers=handlers,
-                             max_inbound_streams=self.cfg.max_inbound_streams) as host:
+                             max_inbound_streams=self.cfg.max_inbound_streams,
+                             max_inbound_per_peer=self.cfg.max_inbound_per_peer,
+                             admit=self._admit) as host:
             self.host = host
             self.table = PeerTable(self.ctx.db, self_peer_id=host.peer_id,
                                    max_peers=self.cfg.max_peers)
@@ -99,6 +101,12 @@ class P2PModular(ModularBase):
             with self.ctx.limiter.span(self.name, conns_inbound=1, memory=max_frame):
                 await handler(stream)
         return limited
+
+    async def _admit(self, peer_id: str) -> bool:
+        """Only SPs the registry lists (and in service) may open streams to us: a throwaway
+        peer id is reset before it negotiates anything or holds a stream slot."""
+        sp = await self.registry.sp_by_peer_id(peer_id)
+        return sp is not None and sp.in_service
 
     def _outbound_ping(self) -> AbstractContextManager[object]:
         return self.ctx.limiter.span(self.name, conns_outbound=1,

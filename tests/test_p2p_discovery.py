@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 
+import pytest
 import trio
 
 from tests.p2pnet import make_sps, start_nodes, wait_until
@@ -148,4 +149,32 @@ async def test_a_candidate_is_dialed_at_its_registered_addrs(tmp_path):
                 third.peer_id, third.keys.operator.address, ("/ip4/10.6.6.6/tcp/6",)))
             rec = node.p2p.table.get(third.peer_id)
             assert rec is not None and rec.addrs == (third.addr,)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_id_the_registry_does_not_list_gets_no_stream(tmp_path):
+    """A throwaway libp2p identity can connect (Noise) but every stream it opens is reset
+    before negotiation: it holds no stream slot and reaches no handler (found in review)."""
+    from node.crypto import PrivateKey
+    from p2p.host import P2PError, open_host
+    from p2p.messages import PING_PROTOCOL
+
+    sps = make_sps(tmp_path, 2, p2p={"ping_interval": 30.0})
+    async with trio.open_nursery() as nursery:
+        node, other = await start_nodes(nursery, sps)
+        host = node.p2p.host
+        with trio.fail_after(20):
+            await wait_until(lambda: node.trusted() == {other.sp.peer_id}
+                             and other.trusted() == {node.sp.peer_id})
+            served = host.inbound_protocols[PING_PROTOCOL]  # quiet now: 30 s period
+            async with open_host(PrivateKey.generate(), "/ip4/127.0.0.1/tcp/0",
+                                 connect_timeout=5.0, handlers={}) as stranger:
+                for _ in range(3):
+                    with pytest.raises(P2PError):
+                        await stranger.request(host.peer_id, host.listen_addrs, PING_PROTOCOL,
+                                               b"\x00" * 10, max_response=1024, timeout=5.0)
+                assert host.inbound_refused["not_admitted"] == 3
+                assert host.inbound_protocols[PING_PROTOCOL] == served
+            assert await other.p2p.discovery.ping_peer(node.sp.peer_id) is True
+            assert host.inbound_protocols[PING_PROTOCOL] == served + 1
         nursery.cancel_scope.cancel()

@@ -7,6 +7,7 @@ import statistics
 import struct
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -28,6 +29,7 @@ from p2p.host import (
     parse_bootstrap,
     peer_id_from_public_key,
 )
+from tests.p2pnet import wait_until
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 ECHO = "/test/echo/1.0.0"
@@ -46,12 +48,12 @@ async def echo(stream: Stream) -> None:
 
 @asynccontextmanager
 async def two_hosts(
-    handlers: Mapping[str, Handler], *, connect_timeout: float = 5.0,
+    handlers: Mapping[str, Handler], *, connect_timeout: float = 5.0, **server_kw: Any,
 ) -> AsyncIterator[tuple[P2PHost, P2PHost]]:
     """(server with handlers, client without any)."""
     async with (
         open_host(PrivateKey(SEED_A), LISTEN, connect_timeout=connect_timeout,
-                  handlers=handlers) as server,
+                  handlers=handlers, **server_kw) as server,
         open_host(PrivateKey(SEED_B), LISTEN, connect_timeout=connect_timeout,
                   handlers={}) as client,
     ):
@@ -574,3 +576,65 @@ async def test_buffered_tcp_stream_serves_small_reads_from_one_recv() -> None:
         async with open_host(PrivateKey(SEED_A), LISTEN, connect_timeout=5, handlers={}):
             # what py-libp2p's TCP transport builds for every connection from now on
             assert libp2p_tcp.TrioTCPStream is hostmod._BufferedTCPStream
+
+
+async def test_one_peer_holds_at_most_max_inbound_per_peer_streams() -> None:
+    """A peer that opens streams and never finishes them (libp2p's own ping keeps one open
+    for as long as it likes) holds at most its share of the host's stream slots."""
+    release = trio.Event()
+
+    async def hold(stream: Stream) -> None:
+        await stream.read_frame(MAX)
+        await release.wait()
+        await stream.write_frame(b"done")
+
+    with trio.fail_after(DEADLINE):
+        async with two_hosts({ECHO: hold, "/test/echo/2": echo},
+                             max_inbound_per_peer=2) as (server, client):
+            results: list[bytes | str] = []
+
+            async def one(i: int) -> None:
+                try:
+                    results.append(await request(client, server, str(i).encode()))
+                except StreamClosed:
+                    results.append("reset")
+
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(one, i)
+                await wait_until(lambda: server.inbound_streams == 2)
+                with pytest.raises(StreamClosed):  # a third one, while two are held
+                    await request(client, server, b"x", protocol="/test/echo/2")
+                assert server.inbound_refused["per_peer"] == 1
+                release.set()
+            assert results == [b"done", b"done"]
+            assert await request(client, server, b"y", protocol="/test/echo/2") == b"echo:y"
+
+
+async def test_a_peer_the_admit_hook_refuses_gets_no_stream() -> None:
+    asked: list[str] = []
+    refuse: set[str] = set()
+    failing = False
+
+    async def admit(peer_id: str) -> bool:
+        asked.append(peer_id)
+        if failing:  # e.g. the registry cannot be asked now
+            raise SignatureError("cannot tell now")
+        return peer_id not in refuse
+
+    with trio.fail_after(DEADLINE):
+        async with two_hosts({ECHO: echo}, admit=admit) as (server, client):
+            assert await request(client, server, b"a") == b"echo:a"
+            refuse.add(client.peer_id)
+            with pytest.raises(StreamClosed):
+                await request(client, server, b"b")
+            assert server.inbound_refused["not_admitted"] == 1
+            assert server.inbound_protocols[ECHO] == 1  # never negotiated
+            refuse.clear()
+            failing = True
+            with pytest.raises(StreamClosed):
+                await request(client, server, b"c")
+            assert server.inbound_refused["not_admitted"] == 2
+            failing = False
+            assert await request(client, server, b"d") == b"echo:d"
+            assert asked == [client.peer_id] * 4
