@@ -381,10 +381,12 @@ class ReplayCache:
     """The (account, nonce) pairs of accepted requests, each kept until its request expires.
 
     Bounded: at most ``max_entries`` pairs (default :data:`DEFAULT_REPLAY_ENTRIES`). When full,
-    expired pairs go first, then the earliest-expiring ones; an evicted pair could be replayed
-    until its expiry, so a node under more than ``max_entries`` accepted requests per expiry
-    window should keep client expiries short (the client library uses minutes). Not thread
-    safe; trio tasks calling it need no lock (no checkpoints inside).
+    expired pairs go first, then the earliest-expiring ones; and once a pair that had not
+    expired had to go, no request expiring at or before it is accepted any more (its replay
+    could not be told apart), so a full cache never lets a replay through: at worst it
+    refuses requests with short expiries until they are past (:class:`AuthError`
+    ``ReplayCacheFull``, a 503 to retry). Not thread safe; trio tasks calling it need no lock
+    (no checkpoints inside).
     """
 
     def __init__(self, max_entries: int = DEFAULT_REPLAY_ENTRIES) -> None:
@@ -393,6 +395,7 @@ class ReplayCache:
         self.max_entries = max_entries
         self._expiry: dict[tuple[str, bytes], int] = {}
         self._heap: list[tuple[int, str, bytes]] = []
+        self._floor = -1  # the latest expiry of a pair evicted before it expired
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -401,19 +404,26 @@ class ReplayCache:
     def __contains__(self, key: tuple[str, bytes]) -> bool:
         return key in self._expiry
 
-    def _pop(self) -> None:
-        _, account, nonce = heapq.heappop(self._heap)
+    def _pop(self) -> int:
+        expiry, account, nonce = heapq.heappop(self._heap)
         del self._expiry[(account, nonce)]
+        return expiry
+
+    def check(self, account: str, nonce: bytes, expiry: int, now: float) -> None:
+        """Raise what :meth:`check_and_add` would, recording nothing."""
+        if (account, nonce) in self._expiry:
+            raise AuthError("ReplayedRequest", "this request (account, nonce) was already used")
+        if expiry <= self._floor and self._floor >= now:
+            raise ServiceError("SlowDown", "too many recent requests to tell this one from a "
+                               "replay: retry with a later expiry, or later", 503)
 
     def check_and_add(self, account: str, nonce: bytes, expiry: int, now: float) -> None:
         """Record the pair; :class:`AuthError` ReplayedRequest if it is already recorded."""
         while self._heap and self._heap[0][0] < now:
             self._pop()
-        key = (account, nonce)
-        if key in self._expiry:
-            raise AuthError("ReplayedRequest", "this request (account, nonce) was already used")
+        self.check(account, nonce, expiry, now)
         while len(self._expiry) >= self.max_entries:
-            self._pop()
+            self._floor = max(self._floor, self._pop())
             self.evicted += 1
-        self._expiry[key] = expiry
+        self._expiry[(account, nonce)] = expiry
         heapq.heappush(self._heap, (expiry, account, nonce))

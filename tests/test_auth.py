@@ -313,3 +313,24 @@ def test_replay_cache_evicts_earliest_expiring_when_full() -> None:
         assert ("a", kept) in cache
     with pytest.raises(ValueError):
         ReplayCache(max_entries=0)
+
+
+def test_a_full_replay_cache_never_lets_a_replay_through() -> None:
+    """Found in review: the evicted pair could be replayed until its expiry. Now nothing
+    expiring at or before an evicted, unexpired pair is accepted (503, retry) until then."""
+    cache = ReplayCache(max_entries=2)
+    cache.check_and_add("a", b"early", expiry=100, now=0)
+    cache.check_and_add("a", b"late", expiry=300, now=0)
+    cache.check_and_add("b", b"new", expiry=250, now=0)  # evicts "early", still valid
+    with pytest.raises(ServiceError) as info:
+        cache.check_and_add("a", b"early", expiry=100, now=10)  # its replay
+    assert (info.value.code, info.value.status) == ("SlowDown", 503)
+    with pytest.raises(ServiceError, match="replay"):
+        cache.check("c", b"short", expiry=90, now=10)
+    cache.check("c", b"longer", expiry=260, now=10)  # expiring later: fine
+    cache.check_and_add("c", b"short", expiry=150, now=101)  # "early" has expired: fine,
+    assert ("b", b"new") not in cache  # and it evicts "new" (valid until 250)
+    for replay in (("b", b"new", 250), ("c", b"short", 150)):
+        with pytest.raises(ServiceError):  # 503 for the evicted one, 403 for the kept one
+            cache.check_and_add(*replay, now=102)
+    cache.check_and_add("d", b"x", expiry=251, now=102)

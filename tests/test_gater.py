@@ -625,6 +625,23 @@ async def test_rate_limited_request_may_be_retried_as_is(fakes: StackFactory) ->
         assert (await s.client.http.send(again)).status_code == 200  # the nonce was not spent
 
 
+async def test_replays_cost_the_victim_no_rate_limit_tokens(fakes: StackFactory) -> None:
+    """Found in review: each replay of a captured request took a token from its signer's
+    bucket before being refused, so replaying one request kept the victim at SlowDown."""
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(rate_limit=0.01, rate_burst=3)
+        own_bucket(s)
+        request = s.client.build("GET", f"{API}/buckets/mybucket")
+        s.client.sign(request)
+        assert (await s.client.http.send(request)).status_code == 200
+        for _ in range(5):
+            again = s.client.build("GET", f"{API}/buckets/mybucket")
+            again.headers.update(request.headers)
+            assert_error(await s.client.http.send(again), 403, "ReplayedRequest")
+        for _ in range(2):  # the two tokens left are still the victim's
+            assert (await s.client.call("GET", f"{API}/buckets/mybucket")).status_code == 200
+
+
 async def test_limiter_full_is_503(fakes: StackFactory) -> None:
     with trio.fail_after(TIMEOUT):
         s = await fakes()

@@ -348,7 +348,7 @@ def _endpoint(gater: Gater, spec: RouteSpec) -> Callable[[Request], Awaitable[Re
 
 
 def authenticate(gater: Gater, request: Request, spec: RouteSpec) -> VerifiedRequest:
-    """Verify the signature, take a rate-limit token, then record the nonce."""
+    """Verify the signature, refuse a replay, take a rate-limit token, record the nonce."""
     scope = request.scope
     raw_path = (scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1")
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
@@ -360,6 +360,9 @@ def authenticate(gater: Gater, request: Request, spec: RouteSpec) -> VerifiedReq
     if spec.body == "json" and verified.payload_sha256 is None:
         raise AuthError("UnsignedPayloadNotAllowed",
                         "this route acts on its body: sign its sha256, not UNSIGNED-PAYLOAD")
+    # a replay is refused before it costs the signer a rate-limit token (else replaying one
+    # captured request would keep its account at SlowDown)
+    gater.replay.check(verified.account, verified.nonce, verified.expiry, now)
     gater.rate.take(verified.account)
     gater.replay.check_and_add(verified.account, verified.nonce, verified.expiry, now)
     return verified
