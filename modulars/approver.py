@@ -2,7 +2,8 @@
 
 - CreateBucketApproval / CreateObjectApproval: ``pre_`` refuses a repeat of the same ask within
   ``approver.dedup_window`` seconds and an account at ``approver.max_buckets_per_account``
-  buckets (on the chain plus approvals handed out and not yet expired); ``handle_`` sets the
+  buckets (on the chain, plus approvals handed out, not yet expired and not yet used, plus
+  the account's other asks in flight); ``handle_`` sets the
   expiry height (current + ``*_approval_blocks``) and has the signer sign; ``post_`` records
   statistics. :meth:`Approver.approval_message` gives the signed approval map the client embeds
   in its transaction.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from typing import Any
 
@@ -28,6 +30,9 @@ from node.tasks import (
     ReplicatePieceApprovalTask,
     Task,
 )
+
+#: Bucket approvals outstanding (handed out, not expired) at most, over all accounts
+MAX_PENDING_BUCKETS = 100_000
 
 
 class DuplicateApproval(ServiceError):
@@ -50,7 +55,13 @@ class Approver(ModularBase):
         super().__init__(ctx)
         self.cfg = ctx.config.approver
         self._recent: dict[str, float] = {}          # task key -> time handed out
-        self._pending_buckets: dict[str, tuple[str, int]] = {}  # bucket -> (account, expiry)
+        # bucket approvals handed out and not yet expired: account -> {bucket: expiry height},
+        # and a heap of (expiry height, account, bucket) to forget them when they expire
+        self._pending: dict[str, dict[str, int]] = {}
+        self._pending_heap: list[tuple[int, str, str]] = []
+        # asks between pre_ and handle_ (awaiting the chain), account -> task keys: counted
+        # against the cap at once, so that concurrent asks cannot all pass it
+        self._asking: dict[str, set[str]] = {}
         self._in_flight: dict[str, Task] = {}
         self.stats: Counter[str] = Counter()
         self.capacity = ReceiveCapacity(ctx.config, ctx.limiter)
@@ -89,28 +100,59 @@ class Approver(ModularBase):
 
     async def pre_create_bucket_approval(self, task: CreateBucketApprovalTask) -> None:
         self._check_duplicate(task)
+        asking = self._asking.setdefault(task.account, set())
+        asking.add(task.key)  # before any await: a concurrent ask of the account counts it
         try:
             height = await self.chain.current_height()
-            owned = len(await self.chain.list_buckets(task.account))
-        except ChainUnavailable as exc:
+            owned = {b.name for b in await self.chain.list_buckets(task.account)}
+            self._forget_expired(height)
+            pending = self._pending.get(task.account, {})
+            for name in [n for n in pending if n in owned]:  # used: counted as owned now
+                del pending[name]
+            count = len(owned) + len(pending) + len(asking) - 1  # the others in flight
+            if count >= self.cfg.max_buckets_per_account:
+                raise TooManyBuckets(task.account, self.cfg.max_buckets_per_account)
+            if len(self._pending_heap) >= MAX_PENDING_BUCKETS:
+                raise ServiceUnavailable("too many bucket approvals outstanding; retry later",
+                                         10)
+        except BaseException as exc:
             self._in_flight.pop(task.key, None)
-            raise ServiceUnavailable(f"chain unavailable: {exc.reason}") from None
-        pending = sum(1 for acct, expiry in self._pending_buckets.values()
-                      if acct == task.account and expiry >= height)
-        if owned + pending >= self.cfg.max_buckets_per_account:
-            self._in_flight.pop(task.key, None)
-            raise TooManyBuckets(task.account, self.cfg.max_buckets_per_account)
+            self._done_asking(task)
+            if isinstance(exc, ChainUnavailable):
+                raise ServiceUnavailable(f"chain unavailable: {exc.reason}") from None
+            raise
 
     async def handle_create_bucket_approval_task(self, task: CreateBucketApprovalTask) -> bool:
         task.expiry_height = await self._expiry(self.cfg.bucket_approval_blocks)
         task.approver_signature = self.ctx.modulars.signer.sign_create_bucket_approval(
             self._bucket_approval(task))
         self._recent[task.key] = trio.current_time()
-        self._pending_buckets[task.bucket] = (task.account, task.expiry_height)
+        self._pending.setdefault(task.account, {})[task.bucket] = task.expiry_height
+        heapq.heappush(self._pending_heap, (task.expiry_height, task.account, task.bucket))
+        self._done_asking(task)  # counted as pending from now on
         return True
 
     def post_create_bucket_approval(self, task: CreateBucketApprovalTask) -> None:
+        self._done_asking(task)
         self._post(task, "create_bucket")
+
+    def _done_asking(self, task: CreateBucketApprovalTask) -> None:
+        asking = self._asking.get(task.account)
+        if asking is not None:
+            asking.discard(task.key)
+            if not asking:
+                del self._asking[task.account]
+
+    def _forget_expired(self, height: int) -> None:
+        """Drop the pending bucket approvals that expired below ``height``."""
+        heap = self._pending_heap
+        while heap and heap[0][0] < height:
+            expiry, account, bucket = heapq.heappop(heap)
+            buckets = self._pending.get(account)
+            if buckets is not None and buckets.get(bucket) == expiry:
+                del buckets[bucket]
+                if not buckets:
+                    del self._pending[account]
 
     def _bucket_approval(self, task: CreateBucketApprovalTask) -> dict[str, Any]:
         return chain_msgs.create_bucket_approval(

@@ -9,9 +9,11 @@ The real devchain path is covered in tests/test_signer.py and the gater tests.
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -42,18 +44,21 @@ class FakeChain:
 
     def __init__(self) -> None:
         self.height = 100
-        self.buckets: dict[str, int] = {}
+        self.buckets: dict[str, list[str]] = {}  # owner -> bucket names
         self.down = False
+        self.slow = 0.0  # seconds each read takes (concurrent asks interleave)
 
     async def current_height(self) -> int:
+        await trio.sleep(self.slow)
         if self.down:
             raise ChainUnavailable("fake chain is down")
         return self.height
 
-    async def list_buckets(self, owner: str) -> list[object]:
+    async def list_buckets(self, owner: str) -> list[Any]:
+        await trio.sleep(self.slow)
         if self.down:
             raise ChainUnavailable("fake chain is down")
-        return [object()] * self.buckets.get(owner, 0)
+        return [types.SimpleNamespace(name=n) for n in self.buckets.get(owner, [])]
 
 
 @asynccontextmanager
@@ -113,7 +118,7 @@ async def test_duplicate_within_the_window_is_refused_then_allowed(setup, autoju
 
 async def test_bucket_cap_counts_chain_and_pending_approvals(setup) -> None:
     approver, chain = setup
-    chain.buckets[ACCOUNT] = 1
+    chain.buckets[ACCOUNT] = ["b0"]
     await ask_bucket(approver, "b1")
     await ask_bucket(approver, "b2")
     with pytest.raises(TooManyBuckets):
@@ -121,6 +126,54 @@ async def test_bucket_cap_counts_chain_and_pending_approvals(setup) -> None:
     # once the pending approvals expire unused, there is room again
     chain.height += 11
     await ask_bucket(approver, "b3")
+    assert approver._pending == {ACCOUNT: {"b3": chain.height + 10}}  # the expired forgotten
+
+
+async def test_a_used_approval_is_counted_once(setup) -> None:
+    """Found in review: a bucket created with an approval counted twice (on the chain and
+    as pending) until the approval expired."""
+    approver, chain = setup
+    await ask_bucket(approver, "b1")
+    chain.buckets[ACCOUNT] = ["b1"]  # created on the chain with it
+    await ask_bucket(approver, "b2")
+    await ask_bucket(approver, "b3")  # 3 = the cap: b1 owned, b2 and b3 pending
+    with pytest.raises(TooManyBuckets):
+        await ask_bucket(approver, "b4")
+
+
+async def test_concurrent_asks_cannot_pass_the_cap_together(setup, autojump_clock) -> None:
+    """Found in review: every ask counted the pending approvals before any of them was
+    added, so 20 asks at once for different names were all approved with a cap of 3."""
+    approver, chain = setup
+    chain.slow = 0.1
+    outcomes: list[str] = []
+
+    async def one(i: int) -> None:
+        try:
+            await ask_bucket(approver, f"c{i}")
+            outcomes.append("ok")
+        except TooManyBuckets:
+            outcomes.append("refused")
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(one, i)
+    assert outcomes.count("ok") == 3 and outcomes.count("refused") == 17
+    assert approver._asking == {} and not approver.query_tasks()
+
+
+async def test_an_ask_cancelled_while_it_waits_on_the_chain_leaves_nothing(
+        setup, autojump_clock) -> None:
+    """Found in review: only some errors removed the ask from the in-flight table; one
+    cancelled during the chain reads kept its (bucket, account) refused as a duplicate."""
+    approver, chain = setup
+    chain.slow = 10.0
+    task = CreateBucketApprovalTask(bucket="slow", account=ACCOUNT)
+    with trio.move_on_after(1.0):
+        await approver.pre_create_bucket_approval(task)
+    assert approver._asking == {} and not approver.query_tasks()
+    chain.slow = 0.0
+    await ask_bucket(approver, "slow")
 
 
 async def test_object_approval_expiry_and_signature(setup) -> None:
