@@ -30,7 +30,7 @@ import hypercorn.trio
 import trio
 from starlette.types import Receive, Scope, Send
 
-from node.errors import ConfigError, ModularStartError
+from node.errors import ConfigError, ListenFailed, ModularStartError
 from node.metrics import CONTENT_TYPE, NodeMetrics
 
 if TYPE_CHECKING:
@@ -146,8 +146,9 @@ class AdminServer:
                     binds: list[str] = await nursery.start(partial(
                         hypercorn.trio.serve, self.app, self.hypercorn_config(),
                         shutdown_trigger=self._shutdown.wait, mode="asgi"))
-                except OSError as exc:
-                    raise ModularStartError(NAME, exc) from exc
+                except (OSError, BaseExceptionGroup) as exc:
+                    raise ModularStartError(NAME, ListenFailed(
+                        "node.admin_listen", self.listen, exc)) from None
                 self.endpoint = binds[0] if binds else None
                 if self.endpoint:
                     _write_atomic(self.addr_path, self.endpoint + "\n")

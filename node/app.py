@@ -31,7 +31,7 @@ from node.chain import ChainError, DevChainClient
 from node.config import Config, LimitValues
 from node.crypto import KeySet, load_keys
 from node.db import open_spdb
-from node.errors import GfspError, ModularStartError, unwrap
+from node.errors import GfspError, ModularStartError, describe, unwrap
 from node.metrics import NodeMetrics
 from node.modular import Modular, Modulars, NodeContext
 from node.notify import Notifier
@@ -47,7 +47,8 @@ class ModularFailed(GfspError):
     """A running modular raised; the node stops and exits non-zero with this message."""
 
     def __init__(self, name: str, cause: BaseException) -> None:
-        super().__init__(f"modular {name!r} failed: {type(cause).__name__}: {cause}")
+        cause = unwrap(cause) if isinstance(cause, BaseExceptionGroup) else cause
+        super().__init__(f"modular {name!r} failed: {describe(cause)}")
         self.name = name
         self.cause = cause
 
@@ -120,7 +121,7 @@ class Node:
     async def _context(self):  # type: ignore[no-untyped-def]
         """Shared services: keys, limiter, SPDB, and the chain (or a static SP registry)."""
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # user objects
         keys = load_node_keys(cfg, self.env)
         limiter = build_limiter(cfg)
         static = load_sp_registry(cfg)

@@ -57,7 +57,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     except KeyFileError as exc:
         print(f"gfsp-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    (folder / "data").mkdir(exist_ok=True)
+    (folder / "data").mkdir(mode=0o700, exist_ok=True)  # user objects, SPDB
     if not args.chain:  # without a chain, the node's SP registry is a file listing itself
         StaticSPRegistry.of([sp_info_of(keys, endpoint=f"http://{cfg.gater.listen}")]
                             ).to_file(folder / REGISTRY_NAME)

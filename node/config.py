@@ -13,11 +13,13 @@ seconds (int or float).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,54 @@ class Seconds(float):
 
 
 def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
-       choices: tuple[Any, ...] | None = None) -> Any:
-    """A config field: default, one-line doc, optional inclusive range or choices."""
-    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices}
+       choices: tuple[Any, ...] | None = None,
+       check: Callable[[Any], str | None] | None = None) -> Any:
+    """A config field: default, one-line doc, optional inclusive range or choices, and an
+    optional ``check`` that returns why a value is bad (None when it is good)."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "check": check}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _host_port_problem(value: str, *, loopback: bool = False) -> str | None:
+    """Why ``value`` is not ``HOST:PORT`` (``[v6]:PORT`` too), or not on a loopback host."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit():
+        return "expected HOST:PORT, like 127.0.0.1:9033 or [::1]:9033"
+    if int(port) > 65535:
+        return "the port must be 0..65535"
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if loopback and host != "localhost":
+        try:
+            ok = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            ok = False
+        if not ok:
+            return "must be a loopback address (127.0.0.1, ::1 or localhost)"
+    return None
+
+
+_MULTIADDR = re.compile(r"/(ip4|ip6|dns|dns4|dns6)/[^/\s]+/tcp/[0-9]{1,5}"
+                        r"(/p2p/[1-9A-HJ-NP-Za-km-z]+)?")
+
+
+def _listen_multiaddr_problem(value: str) -> str | None:
+    if not _MULTIADDR.fullmatch(value) or not value.startswith(("/ip4/", "/ip6/")):
+        return "expected a multiaddr like /ip4/0.0.0.0/tcp/9044"
+    return None
+
+
+def _bootstrap_problem(entries: list[str]) -> str | None:
+    for entry in entries:
+        peer, at, addr = entry.partition("@")
+        if at and peer.isalnum() and _MULTIADDR.fullmatch(addr):
+            continue
+        if not at and _MULTIADDR.fullmatch(entry) and "/p2p/" in entry:
+            continue
+        return (f"{entry!r} is not \"<peer id>@<multiaddr>\" nor a multiaddr ending in "
+                "/p2p/<peer id>")
+    return None
 
 
 @dataclass(frozen=True)
@@ -55,7 +99,8 @@ class NodeSection:
                                lo=0, hi=3600)
     log_level: str = _f("info", "Log level.",
                         choices=("debug", "info", "warning", "error", "critical"))
-    admin_listen: str = _f("127.0.0.1:0", "Loopback address of the admin/status route.")
+    admin_listen: str = _f("127.0.0.1:0", "Loopback address of the admin/status route.",
+                           check=lambda v: _host_port_problem(v, loopback=True))
 
 
 @dataclass(frozen=True)
@@ -67,8 +112,10 @@ class ModularsSection:
 
 @dataclass(frozen=True)
 class P2PSection:
-    listen: str = _f("/ip4/127.0.0.1/tcp/0", "libp2p listen multiaddr.")
-    bootstrap: list[str] = _f([], "Bootstrap peers: \"<peer id>@<multiaddr>\" or /p2p/ addrs.")
+    listen: str = _f("/ip4/127.0.0.1/tcp/0", "libp2p listen multiaddr.",
+                     check=_listen_multiaddr_problem)
+    bootstrap: list[str] = _f([], "Bootstrap peers: \"<peer id>@<multiaddr>\" or /p2p/ addrs.",
+                              check=_bootstrap_problem)
     ping_interval: Seconds = _f(Seconds(5.0), "Seconds between pings to each known peer.",
                                 lo=0.05, hi=3600)
     ping_timeout: Seconds = _f(Seconds(2.0), "Deadline for one ping/pong exchange.",
@@ -107,7 +154,8 @@ class P2PSection:
 
 @dataclass(frozen=True)
 class GaterSection:
-    listen: str = _f("127.0.0.1:9033", "HTTP listen address (host:port).")
+    listen: str = _f("127.0.0.1:9033", "HTTP listen address (host:port).",
+                     check=_host_port_problem)
     max_header_bytes: ByteSize = _f(ByteSize(16 * KiB), "Largest request head.",
                                     lo=1 * KiB, hi=1 * MiB)
     max_body: ByteSize = _f(ByteSize(64 * GiB), "Largest request body (object size cap).",
@@ -322,7 +370,11 @@ def _convert(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
             raise _Bad(key, value, "expected a list")
-        return [_convert(f"{key}[{i}]", v, item, {}) for i, v in enumerate(value)]
+        items = [_convert(f"{key}[{i}]", v, item, {}) for i, v in enumerate(value)]
+        check = meta.get("check")
+        if check is not None and (problem := check(items)) is not None:
+            raise _Bad(key, value, problem)
+        return items
     if origin is dict:
         _, item = typing.get_args(hint)
         if not isinstance(value, dict):
@@ -341,6 +393,8 @@ def _convert(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
     elif hint is Seconds or hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _Bad(key, value, "expected a number" + (" of seconds" if hint is Seconds else ""))
+        if not math.isfinite(value):
+            raise _Bad(key, value, "must be a finite number")
         out = hint(value)
     elif hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -367,6 +421,9 @@ def _convert(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
         raise _Bad(key, value, f"must be at most {hi:g}")
     if choices is not None and out not in choices:
         raise _Bad(key, value, "must be one of " + ", ".join(map(str, choices)))
+    check = meta.get("check")
+    if check is not None and (problem := check(out)) is not None:
+        raise _Bad(key, value, problem)
     return out
 
 

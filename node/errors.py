@@ -7,6 +7,8 @@ so callers never have to know which library sits underneath.
 
 from __future__ import annotations
 
+import errno
+
 
 class GfspError(Exception):
     """Base of every error raised by gfsp on purpose."""
@@ -36,8 +38,29 @@ class ModularStartError(GfspError):
     """A modular failed while starting; the node exits non-zero with this message."""
 
     def __init__(self, name: str, cause: BaseException) -> None:
-        super().__init__(f"modular {name!r} failed to start: {type(cause).__name__}: {cause}")
+        cause = unwrap(cause) if isinstance(cause, BaseExceptionGroup) else cause
+        super().__init__(f"modular {name!r} failed to start: {describe(cause)}")
         self.name = name
+        self.cause = cause
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log or an exit message: the exception a nursery group stands for, its
+    type, and for an OS error its errno name and text (``str()`` of some is empty)."""
+    if isinstance(exc, BaseExceptionGroup):
+        exc = unwrap(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        name = errno.errorcode.get(exc.errno or 0, "")
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{type(exc).__name__}: [{name}] {exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ListenFailed(GfspError):
+    """A server could not listen on its configured address (in use, not ours, ...)."""
+
+    def __init__(self, key: str, address: str, cause: BaseException) -> None:
+        super().__init__(f"cannot listen on {key} = {address!r}: {describe(cause)}")
         self.cause = cause
 
 

@@ -472,7 +472,7 @@ class LocalPieceStore:
 
     def _scan_sync(self) -> int:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             used = 0
             removed = 0
             for dirpath, _dirnames, filenames in os.walk(self.root):

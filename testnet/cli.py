@@ -165,7 +165,7 @@ def init_testnet(root: Path, nodes: int, *, random_keys: bool = False,
                      gater=dataclasses.replace(GaterSection(), listen=n.gater_listen),
                      chain=ChainSection(endpoint=chain.endpoint,
                                         height_refresh_interval=HEIGHT_REFRESH))
-        (n.dir / "data").mkdir(parents=True, exist_ok=True)
+        (n.dir / "data").mkdir(mode=0o700, parents=True, exist_ok=True)
         n.config.write_text(render_config(cfg))
     chain_dir.mkdir(parents=True, exist_ok=True)
     (root / RUN_DIR).mkdir(parents=True, exist_ok=True)

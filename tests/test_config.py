@@ -98,6 +98,17 @@ def _error(tmp_path: Path, text: str) -> str:
         ("[modulars]\ndisabled = \"gater\"\n", "modulars.disabled", "'gater'"),
         ("[modulars.implementations]\napprover = \"nocolon\"\n",
          "modulars.implementations.approver", "'nocolon'"),
+        # found in review: these passed the config and failed later (exit 1, or a crash)
+        ("[node]\ngrace_period = nan\n", "node.grace_period", "nan"),
+        ("[p2p]\nping_interval = inf\n", "p2p.ping_interval", "inf"),
+        ("[node]\nadmin_listen = \"0.0.0.0:9100\"\n", "node.admin_listen", "'0.0.0.0:9100'"),
+        ("[node]\nadmin_listen = \"9100\"\n", "node.admin_listen", "'9100'"),
+        ("[gater]\nlisten = \"nohostport\"\n", "gater.listen", "'nohostport'"),
+        ("[gater]\nlisten = \"127.0.0.1:70000\"\n", "gater.listen", "'127.0.0.1:70000'"),
+        ("[p2p]\nlisten = \"garbage\"\n", "p2p.listen", "'garbage'"),
+        ("[p2p]\nlisten = \"/dns4/x/tcp/1\"\n", "p2p.listen", "'/dns4/x/tcp/1'"),
+        ("[p2p]\nbootstrap = [\"/ip4/1.2.3.4/tcp/1\"]\n", "p2p.bootstrap", "1.2.3.4"),
+        ("[p2p]\nbootstrap = [\"id@junk\"]\n", "p2p.bootstrap", "junk"),
     ],
 )
 def test_bad_config_is_one_line_naming_file_key_value(

@@ -123,6 +123,7 @@ def test_init_folder_layout(node_dir: Path) -> None:
     assert cfg.node.name == "sp"
     assert cfg.keys_dir == node_dir / "keys"
     assert cfg.data_dir.is_dir()
+    assert cfg.data_dir.stat().st_mode & 0o777 == 0o700  # user objects: whatever the umask
     keys = load_keys(cfg.keys_dir)
     assert keys.operator.address == PrivateKey.from_passphrase("t", "operator").address
 
@@ -564,6 +565,33 @@ async def test_modular_failing_to_start_exits_non_zero(node_dir: Path, tmp_path:
     assert "Traceback" not in result.stderr.decode()
     (line,) = _gfsp_lines(result.stderr)
     assert "'metadata' failed to start" in line and "metadata store unreachable" in line
+
+
+@pytest.mark.parametrize("key", ["gater", "admin"])
+async def test_a_port_in_use_is_named_in_one_line(node_dir: Path, tmp_path: Path,
+                                                  key: str) -> None:
+    """Found in review: the message was "ExceptionGroup: Exceptions from Trio nursery (1
+    sub-exception)" (gater) or ": Address already in use" (admin)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        text = (node_dir / "config.toml").read_text()
+        if key == "gater":
+            text = text.replace('listen = "127.0.0.1:0"', f'listen = "{address}"')
+            want = f"gater.listen = '{address}'"
+        else:
+            text = text.replace('admin_listen = "127.0.0.1:0"', f'admin_listen = "{address}"')
+            want = f"node.admin_listen = '{address}'"
+        assert address in text
+        (node_dir / "config.toml").write_text(text)
+        with trio.fail_after(30):
+            result = await _gfsp("run", "--config", str(node_dir / "config.toml"),
+                                 cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr.decode()
+    (line,) = _gfsp_lines(result.stderr)
+    assert want in line and "EADDRINUSE" in line and "ExceptionGroup" not in line, line
 
 
 async def test_init_twice_exits_2(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from modulars.gater.data import DATA_ROUTES
 from modulars.gater.openapi import openapi_document
 from modulars.gater.ratelimit import RateLimiter
 from node.auth import ReplayCache
+from node.errors import ListenFailed
 from node.modular import ModularBase, NodeContext
 
 log = logging.getLogger("gfsp.gater")
@@ -100,9 +101,12 @@ class Gater(ModularBase):
         set_receive_size(int(self.cfg.recv_bytes))
         try:
             async with trio.open_nursery() as nursery:
-                binds: list[str] = await nursery.start(partial(
-                    hypercorn.trio.serve, self.app, self.hypercorn_config(),
-                    shutdown_trigger=self._shutdown.wait, mode="asgi"))
+                try:
+                    binds: list[str] = await nursery.start(partial(
+                        hypercorn.trio.serve, self.app, self.hypercorn_config(),
+                        shutdown_trigger=self._shutdown.wait, mode="asgi"))
+                except (OSError, BaseExceptionGroup) as exc:
+                    raise ListenFailed("gater.listen", self.cfg.listen, exc) from None
                 self.endpoint = binds[0] if binds else None
                 self._serving = True
                 log.info("gater listening on %s", self.endpoint)
