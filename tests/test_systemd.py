@@ -100,6 +100,8 @@ def test_unit_has_the_required_directives(name: str) -> None:
     assert one("WatchdogSec").rstrip("s").isdigit()
     assert one("Restart") == "on-failure"
     assert one("RestartPreventExitStatus") == "2"
+    # a chain down at boot must not end in start-limit-hit (found in review)
+    assert one("StartLimitIntervalSec") == "0"
     assert "gfsp-node init" in one("ExecStartPre") and "test -e" in one("ExecStartPre")
     assert " run --config " in one("ExecStart")
     for key in ("StateDirectory", "ConfigurationDirectory", "LogsDirectory"):
