@@ -37,7 +37,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -493,7 +493,8 @@ async def up(args: argparse.Namespace) -> int:
     failure: TestnetError | None = None
     interrupted = False
     started = False
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP too: a closed terminal must not leave the nodes (in their own sessions) running
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
             async with trio.open_nursery() as nursery:
 
@@ -530,16 +531,26 @@ async def up(args: argparse.Namespace) -> int:
         if failure is not None:
             err(str(failure))
         with trio.CancelScope(shield=True):
-            say("stopping the testnet ...")
-            for line in await down_testnet(m, args.grace):
-                say("  " + line)
-            for n in nodes:  # reap our children
-                if n.proc is not None:
-                    with trio.move_on_after(1):
-                        await n.proc.wait()
+            async with trio.open_nursery() as stopping:
+                # another Ctrl-C meanwhile is taken here (trio would re-deliver it once the
+                # receiver closes: a KeyboardInterrupt traceback after a clean stop)
+                stopping.start_soon(_already_stopping, signals)
+                say("stopping the testnet ...")
+                for line in await down_testnet(m, args.grace):
+                    say("  " + line)
+                for n in nodes:  # reap our children
+                    if n.proc is not None:
+                        with trio.move_on_after(1):
+                            await n.proc.wait()
+                stopping.cancel_scope.cancel()
     if failure is not None:
         return EXIT_FAILED
     return EXIT_OK if started else EXIT_FAILED
+
+
+async def _already_stopping(signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        say(f"{signal.Signals(signum).name}: already stopping the testnet")
 
 
 async def _report_exit(n: NodeProc) -> None:

@@ -149,7 +149,13 @@ async def test_up_detach_status_logs_down(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-async def test_foreground_up_stops_everything_on_sigint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signals", [("SIGINT",), ("SIGINT", "SIGINT"), ("SIGHUP",)],
+                         ids=["sigint", "sigint-twice", "sighup"])
+async def test_foreground_up_stops_everything_on_sigint(tmp_path: Path,
+                                                       signals: tuple[str, ...]) -> None:
+    """Ctrl-C stops everything; a second one during the stop changes nothing (found in
+    review: a KeyboardInterrupt traceback after the stop); a closed terminal (SIGHUP) stops
+    everything too instead of leaving the nodes running."""
     root = tmp_path / "tn"
     log = tmp_path / "up.out"
     proc = None
@@ -165,11 +171,17 @@ async def test_foreground_up_stops_everything_on_sigint(tmp_path: Path) -> None:
                 await trio.sleep(0.1)
         pids = set(recorded_pids(root))
         assert len(pids) == 4 and all(alive(p) for p in pids)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, signals[0]))
+        if len(signals) > 1:
+            with trio.fail_after(30):
+                while b"stopping the testnet" not in log.read_bytes():  # noqa: ASYNC110 - a child's log file
+                    await trio.sleep(0.05)
+            proc.send_signal(getattr(signal, signals[1]))
         with trio.fail_after(30):
             assert await proc.wait() == 0, log.read_text()
         assert not any(alive(p) for p in pids), log.read_text()
         assert log.read_text().count("stopped") == 4
+        assert "Traceback" not in log.read_text()
     finally:
         if proc is not None and proc.returncode is None:
             proc.kill()
