@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -137,6 +138,15 @@ def init_testnet(root: Path, nodes: int, *, random_keys: bool = False,
     parity = parity if parity_shards is None else parity_shards
     if data < 1 or parity < 0:
         raise ManifestError(f"bad storage params: {data} data + {parity} parity shards")
+    if nodes > 1 and data + parity > nodes - 1:
+        raise ManifestError(f"--data-shards {data} + --parity-shards {parity} need "
+                            f"{data + parity} secondaries; {nodes} nodes have {nodes - 1}")
+    if segment_size < 1024:
+        raise ManifestError(f"--segment-size must be at least 1024 bytes, got {segment_size}")
+    for name, value in (("--block-interval", block_interval),
+                        ("--ping-interval", ping_interval)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ManifestError(f"{name} must be a positive number of seconds, got {value}")
     ports = free_ports(1 + 2 * nodes)
     chain_dir = root / CHAIN_DIR
     chain = ChainEntry(endpoint=f"http://127.0.0.1:{ports[0]}", dir=chain_dir,

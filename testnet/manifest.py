@@ -58,10 +58,10 @@ class ManifestError(Exception):
 def default_storage_params(nodes: int) -> tuple[int, int]:
     """(data shards, parity shards) for a testnet of ``nodes`` SPs.
 
-    4 + 2 from 7 nodes on (a primary and six secondaries). Below that, the largest
-    data + parity that fits the other ``nodes - 1`` SPs with at least one parity shard, split
-    about 2:1 like 4 + 2 (3 -> 2+1, 4 -> 3+1, 5 -> 3+2). With fewer than 3 nodes no parity
-    fits: 1 + 0 (a copy on the one other SP, or none with a single node).
+    4 + 2 from 7 nodes on (a primary and six secondaries). Below that, data + parity fills
+    the other ``nodes - 1`` SPs with at least one parity shard, about a third of them parity
+    (3 -> 1+1, 4 -> 2+1, 5 -> 3+1, 6 -> 3+2). With fewer than 3 nodes no parity fits: 1 + 0
+    (a copy on the one other SP, or none with a single node).
     """
     if nodes >= 7:
         return 4, 2

@@ -84,6 +84,23 @@ def test_init_options(tmp_path: Path) -> None:
     assert {n.peer_id for n in rnd.nodes}.isdisjoint(n.peer_id for n in seeded.nodes)
 
 
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"nodes": 4, "data_shards": 3, "parity_shards": 1}, "need 4 secondaries; 4 nodes have 3"),
+    ({"nodes": 3, "segment_size": 0}, "--segment-size"),
+    ({"nodes": 3, "segment_size": -5}, "--segment-size"),
+    ({"nodes": 3, "block_interval": 0.0}, "--block-interval"),
+    ({"nodes": 3, "ping_interval": 0.0}, "--ping-interval"),
+    ({"nodes": 3, "ping_interval": float("nan")}, "--ping-interval"),
+])
+def test_init_refuses_a_testnet_that_could_not_work(tmp_path: Path, kw: dict, match: str
+                                                    ) -> None:
+    """Found in review: these were written into the manifest and failed only at ``up`` (or
+    at every put)."""
+    with pytest.raises(ManifestError, match=match):
+        init_testnet(tmp_path / "tn", **kw)
+    assert not (tmp_path / "tn" / "testnet.toml").exists()
+
+
 # --- subprocesses -------------------------------------------------------------------------------
 
 
