@@ -515,6 +515,7 @@ class TaskExecutor(ModularBase):
                 await self.forget_object(object_id)
                 continue
             if not obj.sealed:
+                await self._collect_unsealed(object_id, keys)
                 continue
             bucket = await self.chain.get_bucket(obj.bucket)
             primary = bucket is not None and bucket.primary_sp == me
@@ -525,6 +526,29 @@ class TaskExecutor(ModularBase):
                     and obj.secondaries[k.index] == me)
                 if not keep:
                     await self.store.delete(key)
+
+    async def _collect_unsealed(self, object_id: int, keys: list[str]) -> None:
+        """Pieces (not the primary's segments) of an object still not sealed, with no task of
+        ours on it, last written more than ``unsealed_piece_ttl`` ago: a replication that
+        never came to "done" here (the primary moved to a backup, or gave up). A replication
+        that resumes sends them again; its "done" fails over if they are gone meanwhile."""
+        cutoff = time.time() - self.cfg.unsealed_piece_ttl
+        dropped: list[tuple[int, int, int]] = []
+        for key in keys:
+            k = parse_key(key)
+            if k.index is None:
+                continue
+            written = await self.store.modified(key)
+            if written is not None and written < cutoff and await self.store.delete(key):
+                dropped.append((object_id, k.segment, k.index))
+        if dropped:
+            await self.ctx.db.run(lambda c: c.executemany(
+                "DELETE FROM piece_hashes WHERE object_id = ? AND segment = ? AND "
+                "redundancy_index = ?", dropped))
+            if self.ctx.modulars.is_running("receiver"):
+                self.ctx.modulars.receiver.forget_object(object_id)
+            log.info("collected %d pieces of object %d, not sealed after %g s", len(dropped),
+                     object_id, self.cfg.unsealed_piece_ttl)
 
     async def _in_progress(self, object_id: int) -> bool:
         """An upload, replication or receive of the object is still queued or running."""

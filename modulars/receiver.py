@@ -71,6 +71,12 @@ class Receiver(ModularBase):
     def query_tasks(self, prefix: str = "") -> list[Task]:
         return [t for k, t in self._tasks.items() if k.startswith(prefix)]
 
+    def forget_object(self, object_id: int) -> None:
+        """Drop the receive tasks of an object whose pieces were collected."""
+        for key in [k for k, t in self._tasks.items() if t.object.id == object_id]:
+            del self._tasks[key]
+        self._chain_cache.pop(object_id, None)
+
     async def _object_and_bucket(self, object_id: int, fresh: bool
                                  ) -> tuple[ChainObject | None, ChainBucket | None]:
         chain = require_chain(self.ctx)

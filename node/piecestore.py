@@ -234,6 +234,10 @@ class PieceStore(Protocol):
         """The piece's size in bytes, None when missing."""
         ...
 
+    async def modified(self, key: str) -> float | None:
+        """When the piece was last written (Unix seconds), None when missing."""
+        ...
+
     async def exists(self, key: str) -> bool:
         ...
 
@@ -409,6 +413,13 @@ def _unlink_quietly(path: Path) -> None:
 def _file_size(path: Path) -> int | None:
     try:
         return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def _file_mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
     except FileNotFoundError:
         return None
 
@@ -769,6 +780,14 @@ class LocalPieceStore:
         self._check_open()
         try:
             return await trio.to_thread.run_sync(_file_size, path)
+        except OSError as e:
+            raise PieceStoreError(f"cannot stat piece {key}: {e}") from e
+
+    async def modified(self, key: str) -> float | None:
+        path = self._path(key)
+        self._check_open()
+        try:
+            return await trio.to_thread.run_sync(_file_mtime, path)
         except OSError as e:
             raise PieceStoreError(f"cannot stat piece {key}: {e}") from e
 
