@@ -410,18 +410,16 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _file_stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
 def _file_size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
-
-
-def _file_mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return None
+    st = _file_stat(path)
+    return None if st is None else st.st_size
 
 
 class LocalPieceStore:
@@ -775,21 +773,21 @@ class LocalPieceStore:
         finally:
             os.close(fd)
 
-    async def size(self, key: str) -> int | None:
+    async def _stat(self, key: str) -> os.stat_result | None:
         path = self._path(key)
         self._check_open()
         try:
-            return await trio.to_thread.run_sync(_file_size, path)
+            return await trio.to_thread.run_sync(_file_stat, path)
         except OSError as e:
             raise PieceStoreError(f"cannot stat piece {key}: {e}") from e
 
+    async def size(self, key: str) -> int | None:
+        st = await self._stat(key)
+        return None if st is None else st.st_size
+
     async def modified(self, key: str) -> float | None:
-        path = self._path(key)
-        self._check_open()
-        try:
-            return await trio.to_thread.run_sync(_file_mtime, path)
-        except OSError as e:
-            raise PieceStoreError(f"cannot stat piece {key}: {e}") from e
+        st = await self._stat(key)
+        return None if st is None else st.st_mtime
 
     async def exists(self, key: str) -> bool:
         return await self.size(key) is not None
