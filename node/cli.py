@@ -115,6 +115,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             resp = client.get(url + STATUS_PATH)
             resp.raise_for_status()
             doc = resp.json()
+    except httpx.ConnectError:
+        print(f"gfsp-node: node {cfg.node.name!r} is not running (nothing listens at {url}; "
+              f"the address in {cfg.data_dir} is left from a node that did not stop cleanly)",
+              file=sys.stderr)
+        return EXIT_FAILED
     except (httpx.HTTPError, ValueError) as exc:
         print(f"gfsp-node: node {cfg.node.name!r} is not reachable at {url}: "
               f"{str(exc) or type(exc).__name__}", file=sys.stderr)

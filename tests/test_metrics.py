@@ -354,7 +354,8 @@ async def test_status_command_against_a_stopped_node(tmp_path, nursery, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not running" in err
 
-    # a stale address (a node killed with SIGKILL leaves it): unreachable, one line, exit 1
+    # a stale address (a node killed with SIGKILL leaves it): nothing listens there, so the
+    # node is not running (found in review: it said "not reachable"); one line, exit 1
     data_dir = node.node.config.data_dir
     with trio.socket.socket() as s:
         await s.bind(("127.0.0.1", 0))
@@ -364,4 +365,4 @@ async def test_status_command_against_a_stopped_node(tmp_path, nursery, capsys):
                                                     "--timeout", "2"])
     assert code == cli.EXIT_FAILED
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is not reachable" in err
+    assert err.count("\n") == 1 and "is not running" in err and "did not stop" in err
