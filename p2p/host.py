@@ -196,18 +196,24 @@ def _parse_peer_id(peer_id: str) -> ID:
     return pid
 
 
-def _parse_multiaddr(addr: str) -> multiaddr.Multiaddr:
+def _parse_multiaddr(addr: str) -> tuple[multiaddr.Multiaddr, list[str]]:
+    """A multiaddr and the names of its protocols, or ProtocolError.
+
+    The whole address is decoded here: py-multiaddr accepts some strings (``/ip6zone/1``)
+    that only fail when their protocols are listed, and an address can come from a peer."""
     if not isinstance(addr, str) or not addr.startswith("/"):
         raise ProtocolError(f"invalid multiaddr {addr!r}")
     try:
-        return multiaddr.Multiaddr(addr)
+        maddr = multiaddr.Multiaddr(addr)
+        return maddr, [p.name for p in maddr.protocols()]
     except (multiaddr.exceptions.Error, ValueError, TypeError, KeyError) as exc:
         raise ProtocolError(f"invalid multiaddr {addr!r}: {exc}") from exc
 
 
-def _split_p2p(maddr: multiaddr.Multiaddr, what: str) -> tuple[str | None, multiaddr.Multiaddr]:
+def _split_p2p(parsed: tuple[multiaddr.Multiaddr, list[str]], what: str
+               ) -> tuple[str | None, multiaddr.Multiaddr]:
     """(peer id of a trailing ``/p2p/<id>`` or None, the address without it)."""
-    protos = [p.name for p in maddr.protocols()]
+    maddr, protos = parsed
     if "p2p" not in protos:
         return None, maddr
     if protos.count("p2p") != 1 or protos[-1] != "p2p":
@@ -222,8 +228,7 @@ def _split_p2p(maddr: multiaddr.Multiaddr, what: str) -> tuple[str | None, multi
 
 def _transport_addr(addr: str, peer_id: str | None = None) -> multiaddr.Multiaddr:
     """Parse a dialable address, dropping a ``/p2p/<id>`` suffix (which must match peer_id)."""
-    maddr = _parse_multiaddr(addr)
-    suffix, rest = _split_p2p(maddr, f"multiaddr {addr!r}")
+    suffix, rest = _split_p2p(_parse_multiaddr(addr), f"multiaddr {addr!r}")
     if suffix is not None and peer_id is not None and suffix != peer_id:
         raise ProtocolError(f"multiaddr {addr!r} names peer {suffix}, expected {peer_id}")
     if not str(rest) or str(rest) == "/":
@@ -1054,7 +1059,7 @@ async def open_host(key: PrivateKey, listen: str, *, connect_timeout: float,
     _quiet_libp2p_logs()
     _GfspYamux.install()
     _BufferedTCPStream.install()
-    listen_maddr = _parse_multiaddr(listen)
+    listen_maddr, _ = _parse_multiaddr(listen)
     key_pair = _key_pair(key)
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     try:

@@ -178,3 +178,28 @@ async def test_a_peer_id_the_registry_does_not_list_gets_no_stream(tmp_path):
             assert await other.p2p.discovery.ping_peer(node.sp.peer_id) is True
             assert host.inbound_protocols[PING_PROTOCOL] == served + 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_address_that_fails_to_decode_never_stops_the_node(tmp_path):
+    """py-multiaddr parses ``/ip6zone/1`` but fails with BinaryParseError once its protocols
+    are listed: a registered peer that announced such an addr (and then disconnected) made
+    the next ping round raise out of discovery and stop the node, again after every restart
+    (found in review). Now the address is refused as a ProtocolError: that ping fails and
+    discovery goes on."""
+    from p2p.peers import TRUSTED, PeerRecord
+
+    sps = make_sps(tmp_path, 3, p2p={"ping_interval": PING, "ping_timeout": 0.5})
+    async with trio.open_nursery() as nursery:
+        node, other = await start_nodes(nursery, sps[:2])
+        third = sps[2]  # registered, not running: never connected, so its addr is dialed
+        with trio.fail_after(3 * PING + 10.0):
+            await wait_until(lambda: node.trusted() == {other.sp.peer_id})
+            await node.p2p.table.put(PeerRecord(third.peer_id, third.keys.operator.address,
+                                                ("/ip6zone/1",), TRUSTED))
+            assert await node.p2p.discovery.ping_peer(third.peer_id) is False
+            rounds = node.p2p.discovery.rounds
+            await wait_until(lambda: node.p2p.discovery.rounds >= rounds + 2)
+            assert node.node.ctx.modulars.is_running("p2p")
+            assert node.p2p.table.get(third.peer_id).missed >= 1
+            assert await node.p2p.discovery.ping_peer(other.sp.peer_id) is True
+        nursery.cancel_scope.cancel()

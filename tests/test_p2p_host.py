@@ -113,6 +113,8 @@ def test_parse_bootstrap_both_forms() -> None:
     f"{PEER_ID_A}@not-a-multiaddr",
     f"{PEER_ID_A}@/ip4/999.0.0.1/tcp/9000",
     f"{PEER_ID_A}@/ip4/10.0.0.1/tcp/notaport",
+    f"{PEER_ID_A}@/ip6zone/1",                           # parses, fails once decoded
+    f"/ip4/10.0.0.1/tcp/9000/ip6zone/x/p2p/{PEER_ID_A}",
     "notapeerid@/ip4/10.0.0.1/tcp/9000",
     "0OIl@/ip4/10.0.0.1/tcp/9000",                       # not base58
     f"/ip4/10.0.0.1/tcp/9000/p2p/{PEER_ID_A}x",
@@ -360,6 +362,10 @@ async def test_connect_to_closed_port() -> None:
             assert not host.is_connected(peer)
             with pytest.raises(ProtocolError):
                 await host.connect(peer, ["garbage"])
+            with pytest.raises(ProtocolError):  # py-multiaddr takes it, then fails to decode
+                await host.connect(peer, ["/ip6zone/1"])
+            with pytest.raises((PeerUnreachable, P2PTimeout)):  # skipped beside a good one
+                await host.connect(peer, ["/ip6zone/1", addr])
             with pytest.raises(ProtocolError):
                 await host.connect("garbage", [addr])
 
