@@ -172,17 +172,19 @@ class ApprovalService:
             counts.silent += 1
             counts.reasons[peer_id] = f"silent: {type(exc).__name__}"
             return
-        pending.discard(peer_id)
-        try:
+        try:  # still pending until checked: cut off here by the timeout, it counts as silent
             resp = await self._check_response(data, request, peer_id)
         except ChainError as exc:  # the registry could not answer: cannot verify this one
+            pending.discard(peer_id)
             counts.invalid += 1
             counts.reasons[peer_id] = f"unverifiable: {exc}"
             return
         except InvalidMessage as exc:
+            pending.discard(peer_id)
             counts.invalid += 1
             counts.reasons[peer_id] = f"invalid: {exc}"
             return
+        pending.discard(peer_id)
         if not resp.approved:
             counts.refused += 1
             counts.reasons[peer_id] = f"refused: {resp.reason}"

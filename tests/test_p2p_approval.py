@@ -220,6 +220,28 @@ async def test_raises_below_min_with_the_counts(tmp_path):
         nursery.cancel_scope.cancel()
 
 
+async def test_answers_still_being_checked_at_the_timeout_count_as_silent(tmp_path,
+                                                                          monkeypatch):
+    """An answer that arrived but whose check (a registry lookup) the timeout cuts off is
+    counted (silent), so the counts always add up to the peers asked (found in review:
+    such a peer was in no count)."""
+    async with trio.open_nursery() as nursery:
+        _, nodes, _ = await cluster(nursery, tmp_path, honest=2, fakes=[refuse])
+        approvals = nodes[0].p2p.approvals
+
+        async def stuck_height() -> int:
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        monkeypatch.setattr(approvals.registry, "current_height", stuck_height)
+        with trio.fail_after(TIMEOUT + MARGIN), pytest.raises(InsufficientApprovals) as info:
+            await nodes[0].p2p.handle_replicate_piece_approval(task(), 1, 3, TIMEOUT)
+        c = info.value.counts
+        assert (c.asked, c.approved, c.refused, c.invalid, c.silent) == (3, 0, 1, 0, 2)
+        assert c.asked == c.approved + c.refused + c.invalid + c.silent
+        nursery.cancel_scope.cancel()
+
+
 async def test_min_equals_max(tmp_path):
     async with trio.open_nursery() as nursery:
         _, nodes, _ = await cluster(nursery, tmp_path, honest=3, fakes=[])
