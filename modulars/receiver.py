@@ -18,6 +18,13 @@ asks the chain.
 "Done" computes the integrity hash of what it holds for the index, which must equal the
 object's checksum for that index on the chain, and has the signer sign it; the manager then
 keeps a task to confirm the seal (or collect the pieces when no seal comes).
+
+What this SP signed stays what it holds: once "done" has signed an index, a piece of that
+index is taken again only with the checksum that was signed (a primary may re-send the same
+bytes; other bytes would fail this SP's challenges: 409 ``PieceAlreadySigned``). The pieces of
+one index are stored concurrently, but never while its "done" runs (:class:`_IndexGate`), and
+one piece's file and checksum row are written under one lock, so two PUTs of one piece cannot
+leave the file of one beside the row of the other.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import trio
 
 from node.auth import AuthError
 from node.chain import ChainBucket, ChainObject, chain_errors, require_chain
-from node.crypto import pack
+from node.crypto import pack, unpack
 from node.ec import integrity_hash, piece_size, sha256
 from node.errors import NoSuchKey, ResourceLimitExceeded, ServiceError, ServiceUnavailable
 from node.modular import ModularBase, NodeContext
@@ -43,6 +50,23 @@ from p2p.messages import ApprovalResponse, InvalidMessage, decode, verify
 ADMIT_CACHE_SECONDS = 1.0
 #: At most this many objects in that cache (it is cleared when full).
 ADMIT_CACHE_SIZE = 256
+
+
+class PieceAlreadySigned(ServiceError):
+    def __init__(self, message: str) -> None:
+        super().__init__("PieceAlreadySigned", message, 409)
+
+
+class _IndexGate:
+    """Pieces of one (object, index) are stored side by side; its "done" runs alone (the
+    pieces arriving meanwhile wait for it, then meet its signed checksums). ``users``
+    counts the tasks that hold the gate, so it lives only while one does."""
+
+    def __init__(self) -> None:
+        self.cond = trio.Condition()
+        self.storing = 0
+        self.users = 0
+        self.pieces: dict[int, trio.Lock] = {}  # segment -> its file + row lock
 
 
 class InvalidApproval(ServiceError):
@@ -66,6 +90,7 @@ class Receiver(ModularBase):
     def __init__(self, ctx: NodeContext) -> None:
         super().__init__(ctx)
         self._tasks: dict[str, ReceivePieceTask] = {}
+        self._gates: dict[tuple[int, int], _IndexGate] = {}
         self._chain_cache: dict[int, tuple[float, ChainObject, ChainBucket]] = {}
 
     def query_tasks(self, prefix: str = "") -> list[Task]:
@@ -152,6 +177,20 @@ class Receiver(ModularBase):
         with span, self.store.buffer(size) as buf:
             yield buf
 
+    @contextlib.contextmanager
+    def _gate(self, object_id: int, index: int) -> Iterator[_IndexGate]:
+        key = (object_id, index)
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _IndexGate()
+        gate.users += 1
+        try:
+            yield gate
+        finally:
+            gate.users -= 1
+            if gate.users == 0:
+                del self._gates[key]
+
     # --- the seed's Receiver interface ----------------------------------------------------
 
     async def handle_receive_piece_task(self, task: ReceivePieceTask, segment: int,
@@ -165,40 +204,61 @@ class Receiver(ModularBase):
         if len(data) != expected:
             raise ServiceError("InvalidArgument", f"piece has {len(data)} bytes, expected "
                                f"{expected}", 400)
-        obj = task.object
+        obj, idx = task.object, task.redundancy_index
         self._tasks[task.key] = task
-        key = piece_key(obj.id, segment, task.redundancy_index)
-        if digest is None:
-            digest = await trio.to_thread.run_sync(sha256, data)
-            await self.store.put(key, data)
-        else:
+        key = piece_key(obj.id, segment, idx)
+        with self._gate(obj.id, idx) as gate:
+            async with gate.cond:  # waits while this index's "done" runs
+                gate.storing += 1
             try:
-                await self.store.put(key, data, sha256=digest)
-            except PieceDigestMismatch:
-                raise AuthError("ContentSha256Mismatch", "the piece's sha256 differs from "
-                                "the signed x-gfsp-content-sha256") from None
-        await self.ctx.db.run(lambda c: c.execute(
-            "INSERT OR REPLACE INTO piece_hashes (object_id, segment, redundancy_index, "
-            "checksum) VALUES (?, ?, ?, ?)", (obj.id, segment, task.redundancy_index, digest)))
+                hashed_here = digest is None
+                if digest is None:
+                    digest = await trio.to_thread.run_sync(sha256, data)
+                signed = await self.ctx.db.run(lambda c: _signed_checksum(c, obj.id, idx,
+                                                                          segment))
+                if signed is not None and signed != digest:
+                    raise PieceAlreadySigned(f"this SP signed piece {segment} of index {idx} "
+                                             "of this object with another checksum")
+                lock = gate.pieces.setdefault(segment, trio.Lock())
+                async with lock:
+                    try:
+                        await self.store.put(key, data,
+                                             sha256=None if hashed_here else digest)
+                    except PieceDigestMismatch:
+                        raise AuthError("ContentSha256Mismatch", "the piece's sha256 differs "
+                                        "from the signed x-gfsp-content-sha256") from None
+                    await self.ctx.db.run(lambda c: c.execute(
+                        "INSERT OR REPLACE INTO piece_hashes (object_id, segment, "
+                        "redundancy_index, checksum) VALUES (?, ?, ?, ?)",
+                        (obj.id, segment, idx, digest)))
+            finally:
+                with trio.CancelScope(shield=True):  # "done" must not wait for us forever
+                    async with gate.cond:
+                        gate.storing -= 1
+                        gate.cond.notify_all()
 
     async def handle_done_receive_piece_task(self, task: ReceivePieceTask
                                              ) -> tuple[bytes, bytes]:
         """(signature, integrity hash) of what this SP holds for the task's index."""
         obj, idx = task.object, task.redundancy_index
         count = task.params.segment_count(obj.size)
-        hashes = await self.ctx.db.run(lambda c: _piece_hashes(c, obj.id, idx))
-        if len(hashes) != count:
-            raise ServiceError("IncompleteBody", f"holding {len(hashes)} of {count} pieces "
-                               f"of index {idx}", 400)
-        integrity = integrity_hash(hashes)
-        if integrity != obj.checksums[1 + idx]:
-            raise ServiceError("BadDigest", f"the pieces of index {idx} do not match the "
-                               "object's checksum on the chain", 400)
-        signature, _ = self.ctx.modulars.signer.sign_integrity_hash(obj.id, hashes)
-        await self.ctx.db.run(lambda c: c.execute(
-            "INSERT OR REPLACE INTO integrity_meta (object_id, redundancy_index, "
-            "integrity_hash, checksums, signature) VALUES (?, ?, ?, ?, ?)",
-            (obj.id, idx, integrity, pack(hashes), signature)))
+        with self._gate(obj.id, idx) as gate:
+            async with gate.cond:  # no piece of this index is being stored meanwhile
+                while gate.storing:
+                    await gate.cond.wait()
+                hashes = await self.ctx.db.run(lambda c: _piece_hashes(c, obj.id, idx))
+                if len(hashes) != count:
+                    raise ServiceError("IncompleteBody", f"holding {len(hashes)} of {count} "
+                                       f"pieces of index {idx}", 400)
+                integrity = integrity_hash(hashes)
+                if integrity != obj.checksums[1 + idx]:
+                    raise ServiceError("BadDigest", f"the pieces of index {idx} do not match "
+                                       "the object's checksum on the chain", 400)
+                signature, _ = self.ctx.modulars.signer.sign_integrity_hash(obj.id, hashes)
+                await self.ctx.db.run(lambda c: c.execute(
+                    "INSERT OR REPLACE INTO integrity_meta (object_id, redundancy_index, "
+                    "integrity_hash, checksums, signature) VALUES (?, ?, ?, ?, ?)",
+                    (obj.id, idx, integrity, pack(hashes), signature)))
         task.piece_checksums = hashes
         task.integrity_hash = integrity
         task.signature = signature
@@ -206,6 +266,17 @@ class Receiver(ModularBase):
         if self.ctx.modulars.is_running("manager"):
             await self.ctx.modulars.manager.handle_receive_piece_task(task)
         return signature, integrity
+
+
+def _signed_checksum(conn: sqlite3.Connection, object_id: int, index: int, segment: int
+                     ) -> bytes | None:
+    """The checksum of piece ``segment`` that this SP signed for the index (None: unsigned)."""
+    row = conn.execute("SELECT checksums FROM integrity_meta WHERE object_id = ? AND "
+                       "redundancy_index = ?", (object_id, index)).fetchone()
+    if row is None:
+        return None
+    checksums = unpack(row[0])
+    return checksums[segment] if 0 <= segment < len(checksums) else None
 
 
 def _piece_hashes(conn: sqlite3.Connection, object_id: int, index: int) -> list[bytes]:

@@ -116,23 +116,68 @@ async def test_replicate_piece_checks_then_stores(tmp_path: Path, nursery: trio.
         assert target_node.node.ctx.limiter.used("receiver").memory == 0  # type: ignore[union-attr]
 
         # the real pieces: stored with their checksums, then "done" signs them
-        for segment in range(len(segments)):
+        for segment in range(len(segments) - 1):
             r = await put(segment, pieces[segment][0])
             assert r.status_code == 200, r.text
             assert r.json() == {"stored": len(pieces[segment][0])}
+
+        async def done() -> httpx.Response:
+            url = approval.endpoint.rstrip("/") + replicate_path(obj.id, 0)
+            done_headers = primary.modulars.signer.sign_http_request(
+                "POST", url, body_sha256=hashlib.sha256(b"").hexdigest(),
+                headers={APPROVAL_HEADER: encode(approval).hex()})
+            async with httpx.AsyncClient(timeout=30) as http:
+                return await http.post(url, content=b"", headers=done_headers)
+
+        # a "done" that comes while the last piece is being stored waits for it (before, it
+        # signed what was there: 2 of 3 pieces, 400 IncompleteBody)
+        receiver = target_node.node.ctx.modulars.receiver  # type: ignore[union-attr]
+        real_put, writing, release = store.put, trio.Event(), trio.Event()
+
+        async def slow_put(key: str, data: Any, **kw: Any) -> None:
+            writing.set()
+            await release.wait()
+            await real_put(key, data, **kw)
+
+        store.put = slow_put
+        answers: dict[str, httpx.Response] = {}
+
+        async def keep(name: str, call: Any) -> None:
+            answers[name] = await call()
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(keep, "last", lambda: put(len(segments) - 1, pieces[-1][0]))
+            await writing.wait()
+            inner.start_soon(keep, "done", done)
+
+            def done_waits() -> bool:
+                gate = getattr(receiver, "_gates", {}).get((obj.id, 0))
+                return gate is not None and gate.cond.statistics().tasks_waiting == 1
+
+            await wait_until(lambda: "done" in answers or done_waits())
+            assert "done" not in answers, answers["done"].text
+            release.set()
+        store.put = real_put
+        assert answers["last"].status_code == 200, answers["last"].text
+        r = answers["done"]
+        assert r.status_code == 200, r.text
+        assert receiver._gates == {}
         assert await store.keys(obj.id) == [f"{obj.id}_s{s}_p0" for s in range(3)]
         for segment in range(len(segments)):
             assert await store.get(f"{obj.id}_s{segment}_p0") == pieces[segment][0]
         assert piece_rows(db_path, obj.id) == [
             (s, 0, hashlib.sha256(pieces[s][0]).digest()) for s in range(3)]
-        url = approval.endpoint.rstrip("/") + replicate_path(obj.id, 0)
-        done_headers = primary.modulars.signer.sign_http_request(
-            "POST", url, body_sha256=hashlib.sha256(b"").hexdigest(),
-            headers={APPROVAL_HEADER: encode(approval).hex()})
-        async with httpx.AsyncClient(timeout=30) as http:
-            r = await http.post(url, content=b"", headers=done_headers)
-        assert r.status_code == 200, r.text
         assert bytes.fromhex(r.json()["integrity_hash"]) == sums[1]
+        # once signed, a piece is taken again only with the checksum that was signed: the
+        # same bytes (a re-send) are fine, other bytes would fail this SP's challenges
+        # (found in review: they replaced the piece and its row)
+        r = await put(0, pieces[0][0])
+        assert r.status_code == 200, r.text
+        other_bytes = bytes(len(pieces[0][0]))
+        r = await put(0, other_bytes)
+        assert (r.status_code, parse_error(r).code) == (409, "PieceAlreadySigned"), r.text
+        assert await store.get(f"{obj.id}_s0_p0") == pieces[0][0]
+        assert piece_rows(db_path, obj.id)[0] == (0, 0, hashlib.sha256(pieces[0][0]).digest())
         assert target_node.node.ctx.limiter.used("receiver").memory == 0  # type: ignore[union-attr]
         for node in nodes:
             await node.stop()
