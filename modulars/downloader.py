@@ -94,7 +94,7 @@ from node.errors import (
     TaskError,
 )
 from node.modular import ModularBase, NodeContext
-from node.piecestore import PieceNotFound, piece_key, read_hashed, segment_key
+from node.piecestore import PieceNotFound, PieceStoreError, piece_key, read_hashed, segment_key
 from node.rcmgr import Span
 from node.spregistry import SPInfo
 from node.tasks import ChallengePieceTask, DownloadObjectTask, StorageParams, Task
@@ -761,6 +761,8 @@ class Downloader(ModularBase):
             reason = "unverifiable" if expected is None else "corrupt"
         except PieceNotFound:
             reason = "missing"
+        except PieceStoreError as exc:  # a disk error (EIO, ...): the secondaries have it too
+            reason = f"unreadable ({exc})"
         except BaseException:
             hold.close()
             raise

@@ -61,7 +61,7 @@ from node.db import open_spdb
 from node.ec import Codec, integrity_hash, object_checksums, sha256, split
 from node.errors import ServiceError
 from node.modular import Modulars, NodeContext
-from node.piecestore import LocalPieceStore, PieceNotFound, piece_key, segment_key
+from node.piecestore import LocalPieceStore, PieceNotFound, PieceStoreError, piece_key, segment_key
 from node.rcmgr import Limit, ResourceLimiter
 from node.spregistry import SPInfo
 from node.tasks import (
@@ -687,6 +687,28 @@ async def test_corrupt_segment_is_read_from_the_secondaries_and_repaired(world: 
     assert await world.segment_on_disk(2) == SEGMENTS[2]
     assert await world.segment_on_disk(3) == SEGMENTS[3]
     assert world.dl.stats["repairs"] == 2
+
+
+async def test_unreadable_segment_is_read_from_the_secondaries_and_repaired(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk error reading the primary's segment (EIO) is a degraded read, not a 500
+    (found in review: only a missing or corrupt segment was)."""
+    oid = world.object.id
+    real = world.store.read_into
+    bad = segment_key(oid, 1)
+
+    async def failing(key: str, view: memoryview, offset: int = 0) -> int:
+        if key == bad:
+            monkeypatch.setattr(world.store, "read_into", real)  # the disk heals
+            raise PieceStoreError(f"cannot read piece {key}: [Errno 5] Input/output error")
+        return await real(key, view, offset)
+
+    monkeypatch.setattr(world.store, "read_into", failing)
+    assert await world.read() == DATA
+    assert sorted({s for s, _ in world.secondaries.calls}) == [1]
+    await world.dl.wait_background()
+    assert await world.segment_on_disk(1) == SEGMENTS[1]
+    assert world.dl.stats["degraded_reads"] == 1 and world.dl.stats["repairs"] == 1
 
 
 @pytest.mark.parametrize("lie", ["bad_piece", "forged_list", "bad_list", "other_index", "short",
