@@ -115,11 +115,11 @@ class Uploader(ModularBase):
                                         stream: AsyncIterator[bytes]) -> None:
         """Store the payload; raises (after removing what it wrote) when it is not the object."""
         obj, seg_size = task.object, task.params.segment_size
-        await self._progress(task, UPLOADING, 0, 0)
         hashes: list[bytes] = []
         send, receive = trio.open_memory_channel[tuple[int, memoryview, int]](
             SEGMENTS_IN_FLIGHT)
-        try:
+        try:  # every failure below, the progress writes included, cleans up what was written
+            await self._progress(task, UPLOADING, 0, 0)
             # the segment buffers are the piece store's (page-aligned: an O_DIRECT put writes
             # straight from them), and go before the manager queues replication
             with contextlib.ExitStack() as buffers:
@@ -141,6 +141,8 @@ class Uploader(ModularBase):
             if integrity != obj.checksums[0]:
                 raise BadDigest("the payload's integrity hash differs from the object's "
                                 "checksum on the chain")
+            await self.ctx.db.run(lambda c: self._record_integrity(c, task, integrity, hashes))
+            await self._progress(task, UPLOADED, len(hashes), obj.size)
         except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await self.store.delete_object(task.object.id)
@@ -149,8 +151,6 @@ class Uploader(ModularBase):
                 if self.ctx.modulars.is_running("manager"):
                     await self.ctx.modulars.manager.handle_done_upload_object_task(task)
             raise
-        await self.ctx.db.run(lambda c: self._record_integrity(c, task, integrity, hashes))
-        await self._progress(task, UPLOADED, len(hashes), obj.size)
         if self.ctx.modulars.is_running("manager"):
             await self.ctx.modulars.manager.handle_done_upload_object_task(task)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -18,7 +20,7 @@ from node.config import Config, LimitsSection, LimitValues
 from node.crypto import unpack
 from node.db import open_spdb
 from node.ec import object_checksums, split
-from node.errors import ServiceUnavailable
+from node.errors import DBError, ServiceUnavailable
 from node.modular import NodeContext
 from node.piecestore import LocalPieceStore, PieceStoreError, segment_key
 from node.tasks import ObjectInfo, StorageParams, UploadObjectTask
@@ -166,6 +168,39 @@ async def test_a_write_failure_mid_pipeline_releases_everything(tmp_path: Path) 
         with trio.fail_after(10), pytest.raises(PieceStoreError, match="disk on fire"):
             await upload(up, task_for(data), data)
         assert segment_key(7, 4) not in puts  # stopped, not run to the end
+        assert await up.store.keys(7) == []
+        state, *_ = await progress(up, 7)
+        assert state == "FAILED"
+        assert up.ctx.limiter.used("uploader").memory == 0
+        assert up.query_tasks() == []
+
+
+@pytest.mark.parametrize("failing", ["start", "end"])
+async def test_a_failed_progress_or_integrity_write_cleans_up(tmp_path: Path,
+                                                              failing: str) -> None:
+    """An SPDB error writing the first progress row or the integrity record fails the upload
+    like any other failure: its segments go and its progress says FAILED (found in review:
+    they were outside the cleanup, so the segments stayed)."""
+    data = os.urandom(3 * SEG + 5)
+    async with uploader(tmp_path) as up:
+        real_progress, real_record = up._progress, up._record_integrity
+        calls = {"progress": 0}
+
+        async def flaky_progress(*args: Any, **kw: Any) -> None:
+            calls["progress"] += 1
+            if failing == "start" and calls["progress"] == 1:
+                raise DBError("OperationalError: disk I/O error")
+            await real_progress(*args, **kw)
+
+        def flaky_record(*args: Any) -> None:
+            if failing == "end":
+                raise sqlite3.OperationalError("disk I/O error")
+            real_record(*args)
+
+        up._progress = flaky_progress  # type: ignore[method-assign]
+        up._record_integrity = flaky_record  # type: ignore[method-assign]
+        with trio.fail_after(10), pytest.raises(DBError, match="disk I/O error"):
+            await upload(up, task_for(data), data)
         assert await up.store.keys(7) == []
         state, *_ = await progress(up, 7)
         assert state == "FAILED"
