@@ -116,10 +116,20 @@ def unpack(data: bytes, *, max_len: int | None = None) -> Any:
     try:
         # (unpackb has no max_buffer_size: that is an Unpacker option; the length is checked
         # above.)
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
+                               object_pairs_hook=_map_without_repeats)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError,
             TypeError) as exc:
         raise SignatureError(f"undecodable msgpack: {exc}") from exc
+
+
+def _map_without_repeats(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A decoded map; a key that comes twice is an error (a dict would keep the last one, so
+    one signed message would have several encodings, one of them not ending in ``sig``)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a map has a key more than once")
+    return out
 
 
 def signing_bytes(message: Mapping[str, Any]) -> bytes:

@@ -130,6 +130,24 @@ def test_key_order_is_checked():
         decode(pack(reordered), Ping)
 
 
+@pytest.mark.parametrize("repeat", ["type_after_sig", "same_operator"])
+def test_a_key_twice_is_invalid(repeat):
+    """msgpack maps may repeat a key and a dict keeps the last: the same signed Ping then
+    had other encodings, one not ending in ``sig`` (found in review)."""
+    wire = msgpack.unpackb(encode(samples()[0]))
+    pairs = list(wire.items())
+    if repeat == "type_after_sig":
+        pairs.append(("type", wire["type"]))
+    else:
+        pairs.insert(2, ("operator", wire["operator"]))
+    packer = msgpack.Packer(use_bin_type=True)
+    data = packer.pack_map_header(len(pairs)) + b"".join(
+        packer.pack(k) + packer.pack(v) for k, v in pairs)
+    assert msgpack.unpackb(data) == wire  # what a plain decoder sees: the valid Ping
+    with pytest.raises(InvalidMessage, match="more than once"):
+        decode(data, Ping)
+
+
 @pytest.mark.parametrize("data", [b"", b"\xc1", b"\x92\x01\x02", pack([1, 2]), b"\xff" * 50,
                                   pack({"type": "gfsp.ping.v1"})])
 def test_garbage_is_invalid(data):
