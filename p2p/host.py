@@ -53,6 +53,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
@@ -913,7 +914,11 @@ class P2PHost:
 
     async def _negotiate_and_handle(self, stream: Stream) -> None:
         raw = stream._raw
-        libp2p_handlers = self._host.get_mux().handlers
+        # of py-libp2p's own protocols only identify is answered (a stock peer runs it on
+        # connect); identify-push would let a peer write addresses into the peerstore that a
+        # dial uses, and its ping keeps a stream open for as long as the peer likes
+        libp2p_handlers = {p: h for p, h in self._host.get_mux().handlers.items()
+                           if p == IDENTIFY_PROTOCOL}
         try:
             with trio.fail_after(self._connect_timeout):
                 protocol = await stream._select_inbound(
@@ -956,13 +961,18 @@ class P2PHost:
         await _quietly("stream close", stream.close)
 
     async def _serve_libp2p(self, stream: Stream, handler: Any) -> None:
-        """One of py-libp2p's own protocols (identify, ping) on its raw stream."""
+        """py-libp2p's own identify on its raw stream, within ``connect_timeout``."""
         if stream._buf:  # bytes read ahead that its handler would never see
             await stream.reset()
             return
         try:
-            await stream.write_raw(b"")  # the echo, if held back
-            await handler(stream._raw)
+            with trio.fail_after(self._connect_timeout):  # its own timeouts are not ours
+                await stream.write_raw(b"")  # the echo, if held back
+                await handler(stream._raw)
+        except trio.TooSlowError:
+            log.debug("p2p: %s for %s: no end within %ss", stream.protocol,
+                      stream.remote_peer_id, self._connect_timeout)
+            await stream.reset()
         except P2PError as exc:
             log.debug("p2p: %s for %s: %s", stream.protocol, stream.remote_peer_id, exc)
             await stream.reset()

@@ -259,3 +259,20 @@ async def test_identify_is_answered_but_never_run_between_our_hosts() -> None:
                 await connect_stock(stock, ours)
                 await trio.testing.wait_all_tasks_blocked(0.1)  # its identify has run
                 assert ours.inbound_protocols["/ipfs/id/1.0.0"] == 1
+
+
+@pytest.mark.parametrize("protocol", ["/ipfs/ping/1.0.0", "/ipfs/id/push/1.0.0"])
+async def test_libp2p_ping_and_identify_push_are_refused(protocol: str) -> None:
+    """Of py-libp2p's own protocols only identify is answered: its ping holds a stream for
+    as long as the peer likes, and identify-push writes the peer's addresses into the
+    peerstore that dials use (found in review)."""
+    with trio.fail_after(DEADLINE):
+        async with await our_host({ECHO: echo}) as ours, stock_host() as stock:
+            pid = await connect_stock(stock, ours)
+            with pytest.raises(StreamFailure):
+                await stock.new_stream(pid, [TProtocol(protocol)])
+            raw = await stock.new_stream(pid, [TProtocol(ECHO)])  # the host still serves
+            await raw.write(frame(b"ok"))
+            (n,) = struct.unpack(">I", await read_exactly(raw, 4))
+            assert await read_exactly(raw, n) == b"echo:ok"
+            assert protocol not in ours.inbound_protocols
