@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
+import trio
 from starlette.responses import Response, StreamingResponse
 
 from modulars.downloader import (
@@ -106,15 +107,14 @@ async def get_object(call: Call) -> Any:
     await downloader.pre_download_object(task)
 
     async def body() -> AsyncIterator[bytes]:
-        try:  # a 0-byte object too: the download then completes at once (counted as done)
-            async with aclosing(downloader.handle_download_object_task(task)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        finally:
-            downloader.post_download_object(task)
+        # a 0-byte object too: the download then completes at once (counted as done)
+        async with aclosing(downloader.handle_download_object_task(task)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
-    return StreamingResponse(body(), status_code=status, headers=headers,
-                             media_type=media_type)
+    return ClosingStreamingResponse(body(), lambda: downloader.post_download_object(task),
+                                    status_code=status, headers=headers,
+                                    media_type=media_type)
 
 
 async def _admit(call: Call, *, fresh: bool = False) -> Any:
@@ -184,27 +184,42 @@ async def challenge(call: Call) -> Any:
         return answer
 
 
-class HeldPartsResponse(StreamingResponse):
-    """A body sent as its ``parts`` (buffers, not copied), which ``hold`` keeps alive: closed
-    once the response is sent, failed or abandoned. Nothing can run between the route
-    returning it and the response being called, so ``hold`` is always closed."""
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed body that lets go of what it holds however the response ends: sent,
+    failed, abandoned, or cancelled before the body started (starlette then never starts
+    the iterator, so a ``finally`` inside it would never run). Once the response is done
+    the iterator is closed, then ``on_close`` runs, exactly once. Nothing can run between
+    the route returning the response and the response being called."""
 
-    def __init__(self, parts: list[bytes | memoryview], hold: contextlib.ExitStack, *,
-                 headers: dict[str, str], media_type: str) -> None:
-        self._parts = parts
-        self._hold = hold
-
-        async def body() -> AsyncIterator[bytes | memoryview]:
-            for part in self._parts:
-                yield part
-
-        super().__init__(body(), headers=headers, media_type=media_type)
+    def __init__(self, content: AsyncIterator[Any], on_close: Callable[[], object],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._hold.close()
+            try:
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    with trio.CancelScope(shield=True):
+                        await aclose()
+            finally:
+                self._on_close()
+
+
+class HeldPartsResponse(ClosingStreamingResponse):
+    """A body sent as its ``parts`` (buffers, not copied), which ``hold`` keeps alive: closed
+    once the response is sent, failed or abandoned."""
+
+    def __init__(self, parts: list[bytes | memoryview], hold: contextlib.ExitStack, *,
+                 headers: dict[str, str], media_type: str) -> None:
+        async def body() -> AsyncIterator[bytes | memoryview]:
+            for part in parts:
+                yield part
+
+        super().__init__(body(), hold.close, headers=headers, media_type=media_type)
 
 
 DATA_ROUTES: tuple[RouteSpec, ...] = (
