@@ -13,10 +13,12 @@ one task never overlap; an unexpected error fails the task, never the worker.
   piece of that index again. Each secondary's "done" returns its integrity signature, checked
   against its approval key on the chain and the object's checksum for its index. Then the task
   carries the secondaries, signatures and when they signed, and the manager queues the seal.
-- SealObject: the signer seals on the chain (it retries sequence problems itself), unless the
-  signatures are so old that a secondary may have stopped waiting for the seal and dropped its
-  pieces (``executor.seal_confirm_timeout``, less a margin): then SealTooLate, and the manager
-  replicates the object again.
+  An object already sealed by us on the chain is not replicated (the task reports ``sealed``).
+- SealObject: an object already sealed by us on the chain (a seal that landed before a crash
+  let it be reported) is done. Else the signer seals on the chain (it retries sequence
+  problems itself), unless the signatures are so old that a secondary may have stopped
+  waiting for the seal and dropped its pieces (``executor.seal_confirm_timeout``, less a
+  margin): then SealTooLate, and the manager replicates the object again (a few times).
 - ReceivePiece (secondary): confirm the object was sealed with us at our index; when it is not
   sealed within ``executor.seal_confirm_timeout`` (or sealed without us, or deleted), collect
   our pieces.
@@ -50,6 +52,7 @@ from node.tasks import (
     GCMetaTask,
     GCObjectTask,
     GCZombiePieceTask,
+    ObjectInfo,
     ReceivePieceTask,
     ReplicatePieceApprovalTask,
     ReplicatePieceTask,
@@ -133,25 +136,37 @@ class TaskExecutor(ModularBase):
         manager = self.ctx.modulars.manager
         while True:
             task = await self.ask_task()
-            if task is None:
+            if task is None or not await self.run_task(task):
+                # nothing fits, or the task was given back unrun: wait for work (or for the
+                # resources to free), at most ask_interval
                 await manager.wait_for_work(self.cfg.ask_interval)
-                continue
-            await self.run_task(task)
 
-    async def run_task(self, task: Task) -> None:
+    async def run_task(self, task: Task) -> bool:
         """Handle one task within its reserved estimate and its lease, then report it.
 
         The manager leases a dispatched task for ``task.timeout`` seconds and hands it out
         again once the lease ends; the run stops a little before that (:data:`LEASE_MARGIN`,
         at most a tenth of the lease) and reports the attempt failed, so that two runs of
-        one task never overlap."""
+        one task never overlap.
+
+        The task was chosen to fit :meth:`ask_task`'s snapshot of the limiter, which another
+        worker (or modular) may have used up meanwhile: when the reservation is refused the
+        task is given back to the manager unrun (:meth:`Manager.release_task`: no attempt
+        counted, no backoff) and this returns False."""
         estimate = task.estimate()
+        try:
+            span = self.ctx.limiter.span(self.name, memory=estimate.memory,
+                                         task_priority=task.priority)
+        except ResourceLimitExceeded as exc:
+            log.info("task %s given back unrun: %s", task.key, exc,
+                     extra={"task_key": task.key})
+            await self.ctx.modulars.manager.release_task(task)
+            return False
         self.running[task.key] = task
         error = ""
         budget = task.timeout - min(LEASE_MARGIN, task.timeout / 10)
         try:
-            with self.ctx.limiter.span(self.name, memory=estimate.memory,
-                                       task_priority=task.priority):
+            with span:
                 with trio.move_on_after(budget) as lease:
                     await self.handle(task)
             if lease.cancelled_caught:
@@ -170,6 +185,7 @@ class TaskExecutor(ModularBase):
             self.running.pop(task.key, None)
         task.set_error(error or None)
         await self.report_task(task)
+        return True
 
     async def report_task(self, task: Task) -> None:
         """The seed's ReportTask: hand the result to the manager."""
@@ -195,6 +211,11 @@ class TaskExecutor(ModularBase):
 
     async def handle_replicate_piece_task(self, task: ReplicatePieceTask) -> None:
         obj, params = task.object, task.params
+        if await self._sealed_by_us(obj):  # the secondaries would refuse its pieces (409)
+            log.info("object %d is already sealed on the chain: %s skips to done", obj.id,
+                     task.key, extra={"task_key": task.key})
+            task.sealed = True
+            return
         n = params.data_shards + params.parity_shards
         p2p = self.ctx.modulars.p2p
         ask = ReplicatePieceApprovalTask(object=obj, params=params)
@@ -436,7 +457,14 @@ class TaskExecutor(ModularBase):
         """Seal with the secondaries' signatures, unless they are so old that a secondary
         may have given up waiting (``seal_confirm_timeout``) and dropped its pieces: the
         chain would then list secondaries that hold nothing. That is :class:`SealTooLate`,
-        on which the manager replicates the object again."""
+        on which the manager replicates the object again.
+
+        First the chain is asked: an object already sealed by us (our seal landed, but the
+        node was killed before it reported, and restarted past the deadline) is done."""
+        if await self._sealed_by_us(task.object):
+            log.info("object %d is already sealed on the chain: %s done", task.object.id,
+                     task.key, extra={"task_key": task.key})
+            return
         wait = self.cfg.seal_confirm_timeout
         deadline = task.signed_at + wait - max(SEAL_MARGIN, wait / 10)
         if task.signed_at and time.time() > deadline:
@@ -445,6 +473,24 @@ class TaskExecutor(ModularBase):
         await self.ctx.modulars.signer.seal_object(
             object_id=task.object.id, secondaries=task.secondaries,
             secondary_sigs=task.secondary_signatures)
+
+    async def _sealed_by_us(self, obj: ObjectInfo) -> bool:
+        """True when ``obj`` is sealed on the chain and we are its bucket's primary (so the
+        seal was ours); False when it is not sealed, or with no chain client configured.
+        Sealed under another primary is a :class:`ReplicateError`: nothing for us to do. A
+        chain that cannot answer raises (the task is retried, never replicated again)."""
+        if self.ctx.chain is None:
+            return False
+        on_chain = await self.chain.get_object_by_id(obj.id)
+        if on_chain is None or not on_chain.sealed:
+            return False
+        bucket = await self.chain.get_bucket(on_chain.bucket)
+        me = self.ctx.modulars.signer.operator_address
+        if bucket is None or bucket.primary_sp != me:
+            primary = None if bucket is None else bucket.primary_sp
+            raise ReplicateError(f"object {obj.id} is sealed on the chain, by primary "
+                                 f"{primary}, not us ({me})")
+        return True
 
     # --- ReceivePiece: confirm the seal on a secondary ------------------------------------
 

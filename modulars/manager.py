@@ -7,7 +7,9 @@ rewritten only when a task's result fields change). States:
 
 * ``pending``  queued; dispatchable once its backoff is over (below);
 * ``running``  handed out (dispatched, or an upload admitted); *leased* until
-  ``update_time + timeout``. An expired lease counts as a failed attempt with error ``timeout``;
+  ``update_time + timeout``. An expired lease counts as a failed attempt with error ``timeout``.
+  A dispatched task the executor could not reserve resources for is given back unrun
+  (:meth:`Manager.release_task`): ``pending`` with its old ``update_time``, no attempt counted;
 * ``done`` / ``failed``  terminal; kept ``manager.meta_retention`` seconds, then deleted by
   :meth:`Manager.gc_meta` (run by the executor's GCMeta task). A new task may replace a
   terminal row with the same key; a key that is pending or running is a :class:`DuplicateTask`.
@@ -33,12 +35,15 @@ searched item by item, at most :data:`SCAN_LIMIT` items deep.
 of its type. Success moves the object along: UploadObject done -> ReplicatePiece queued;
 ReplicatePiece done (with every secondary signature) -> SealObject queued with the secondaries
 and signatures; SealObject done -> the lifecycle is complete (or a ReplicatePiece that reports
-``sealed`` skips the seal). On a secondary, the receiver's report of a finished receive queues a
-ReceivePiece task whose job is to confirm the seal (the executor's); its report while running
-finishes it (sealed, or pieces collected); if it fails past its retries a GCZombiePiece task
-over that object id is queued to collect the pieces. Each transition is one SPDB transaction
-(the finished row, the next task, and the ``upload_progress`` state: REPLICATING, SEALING,
-SEALED or FAILED), so a node killed at any point resumes exactly where it stood.
+``sealed`` skips the seal). A SealObject failed with ``SealTooLate`` queues a fresh
+ReplicatePiece, at most ``Manager.max_late_seals`` times per upload (counted in the tasks'
+``late_seals``); the next one fails the upload. On a secondary, the receiver's report of a
+finished receive queues a ReceivePiece task whose job is to confirm the seal (the executor's);
+its report while running finishes it (sealed, or pieces collected); if it fails past its
+retries a GCZombiePiece task over that object id is queued to collect the pieces. Each
+transition is one SPDB transaction (the finished row, the next task, and the
+``upload_progress`` state: REPLICATING, SEALING, SEALED or FAILED), so a node killed at any
+point resumes exactly where it stood.
 
 **Restart.** On start (:meth:`Manager.load`, called by ``serve``) every ``running`` row becomes
 ``pending`` (its lease died with the old process) without spending a retry, except uploads,
@@ -60,7 +65,7 @@ import time
 import types
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import msgpack
@@ -95,6 +100,7 @@ __all__ = [
     "DISPATCHED_TYPES",
     "DONE",
     "FAILED",
+    "MAX_LATE_SEALS",
     "PENDING",
     "RUNNING",
     "SCAN_LIMIT",
@@ -131,6 +137,9 @@ _MAX_OBJECT_ID: Final = 2**63 - 1
 REPLICATING, SEALING, SEALED, UPLOAD_FAILED = "REPLICATING", "SEALING", "SEALED", "FAILED"
 #: How the executor's error of a seal whose signatures are too old begins (its SealTooLate)
 SEAL_TOO_LATE: Final = "SealTooLate:"
+#: Default of ``Manager.max_late_seals``: how many times an object whose seal came too late is
+#: replicated again before its upload is failed for good
+MAX_LATE_SEALS: Final = 3
 
 _COLUMNS: Final = ("key, type, priority, state, payload, create_time, update_time, retry, "
                    "max_retry, error")
@@ -174,6 +183,9 @@ class _Entry:
     object_id: int | None
     state: str
     version: int = 0
+    #: of a dispatched (running) entry: the row's ``update_time`` before the dispatch, which
+    #: :meth:`Manager.release_task` puts back
+    claimed_from: float = 0.0
 
     @property
     def level(self) -> str:
@@ -420,11 +432,15 @@ class Manager(ModularBase):
     name = "manager"
     requires = ()
 
-    def __init__(self, ctx: NodeContext, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, ctx: NodeContext, *, clock: Callable[[], float] | None = None,
+                 max_late_seals: int = MAX_LATE_SEALS) -> None:
         super().__init__(ctx)
         self.cfg = ctx.config.manager
         #: Wall clock of every persisted time; tests may replace it.
         self.clock: Callable[[], float] = clock or time.time
+        #: Times an object whose seal came too late (SealTooLate) is replicated again; the
+        #: next SealTooLate fails its upload.
+        self.max_late_seals = max_late_seals
         self.stats: Counter[str] = Counter()
         self._index = _Index()
         self._lock = trio.Lock()
@@ -622,8 +638,10 @@ class Manager(ModularBase):
                 outcome = await self.ctx.db.run(lambda c, e=entry: _claim(c, e.key, now))
                 kind, value = outcome
                 if kind == "ok":
-                    task: Task = value
-                    self._index.put(_entry_of(task, RUNNING), now)
+                    task: Task = value[0]
+                    running = _entry_of(task, RUNNING)
+                    running.claimed_from = value[1]
+                    self._index.put(running, now)
                     self.stats["dispatched"] += 1
                     return task
                 # The row disagrees with the cache: follow the row.
@@ -634,6 +652,36 @@ class Manager(ModularBase):
                     self.stats["unloadable"] += 1
                     log.error("manager: task %s is unreadable, marked failed: %s",
                               entry.key, value)
+
+    async def release_task(self, task: Task) -> bool:
+        """Give back a dispatched task that did not run: the executor could not reserve its
+        estimate (the limiter's remaining resources changed between its ask and the
+        reservation, e.g. another worker's task took them).
+
+        Undoes the dispatch in SPDB: the row is ``pending`` again with the ``update_time`` it
+        had before, its retry count and error unchanged, so no attempt is counted and no new
+        backoff starts (the task is dispatchable at once, also after a restart). False, and
+        nothing changes, unless ``task`` is the running dispatch (same ``update_time``)."""
+        await self.load()
+        async with self._lock:
+            now = self.clock()
+            entry = self._index.entries.get(task.key)
+            if entry is None or entry.state != RUNNING or entry.update_time != task.update_time:
+                return False
+            before = entry.claimed_from or entry.update_time
+
+            def tx(conn: sqlite3.Connection) -> bool:
+                return conn.execute(
+                    "UPDATE tasks SET state = ?, update_time = ? "
+                    "WHERE key = ? AND state = ? AND update_time = ?",
+                    (PENDING, before, task.key, RUNNING, task.update_time)).rowcount == 1
+
+            released: bool = await self.ctx.db.run(tx)
+            if released:
+                self._index.put(replace(entry, state=PENDING, update_time=before,
+                                        claimed_from=0.0), now)
+                self.stats[f"released.{task.type}"] += 1
+        return released
 
     async def _expire_leases(self, now: float) -> None:
         """Settle running tasks whose lease ended: a failed attempt with error ``timeout``.
@@ -845,15 +893,17 @@ class Manager(ModularBase):
             return [SealObjectTask(
                 object=task.object, params=task.params, secondaries=list(task.secondaries),
                 secondary_signatures=list(task.secondary_signatures),
-                signed_at=task.signed_at, create_time=now, max_retry=self.cfg.max_retry)]
+                signed_at=task.signed_at, late_seals=task.late_seals, create_time=now,
+                max_retry=self.cfg.max_retry)]
 
         await self._settle(task, follow=next_tasks,
                            progress=(SEALED if task.sealed else SEALING, False))
 
     async def handle_seal_object_task(self, task: SealObjectTask) -> None:
-        """The executor's seal result: done completes the upload's lifecycle. Signatures too
-        old to seal with (``SealTooLate``) are not retried: the object is replicated again
-        (new approvals, pieces, signatures) instead."""
+        """The executor's seal result: done completes the upload's lifecycle (also when the
+        executor found the object already sealed by us on the chain). Signatures too old to
+        seal with (``SealTooLate``) are not retried: the object is replicated again (new
+        approvals, pieces, signatures) instead, at most :attr:`max_late_seals` times."""
         await self._settle(task, progress=(SEALED, False),
                            retryable=not task.error.startswith(SEAL_TOO_LATE))
 
@@ -994,8 +1044,16 @@ class Manager(ModularBase):
         if not isinstance(obj, ObjectInfo):
             return []
         if isinstance(task, SealObjectTask) and task.error.startswith(SEAL_TOO_LATE):
+            if task.late_seals >= self.max_late_seals:
+                error = (f"SealObject: the seal came too late {task.late_seals + 1} times "
+                         f"(replicated again {task.late_seals} times, at most "
+                         f"{self.max_late_seals}); last: {task.error}")
+                conn.execute("UPDATE tasks SET error = ? WHERE key = ?", (error, task.key))
+                _set_progress(conn, obj, UPLOAD_FAILED, error, now)
+                return []
             again = ReplicatePieceTask(object=obj, params=task.params, create_time=now,
-                                       max_retry=self.cfg.max_retry)
+                                       max_retry=self.cfg.max_retry,
+                                       late_seals=task.late_seals + 1)
             if _state_of(conn, again.key) not in _ACTIVE:
                 _write(conn, again, PENDING)
                 _set_progress(conn, obj, REPLICATING, "", now)
@@ -1016,8 +1074,9 @@ class Manager(ModularBase):
 def _claim(conn: sqlite3.Connection, key: str, now: float) -> tuple[str, Any]:
     """Mark a pending row running (in the dispatch transaction).
 
-    ``("ok", task)``; or, when the row is not pending, ``("running", task)``, ``("gone",
-    state)``; or ``("bad", error)`` for an unreadable payload (the row is marked failed).
+    ``("ok", (task, the row's update_time before))``; or, when the row is not pending,
+    ``("running", task)``, ``("gone", state)``; or ``("bad", error)`` for an unreadable
+    payload (the row is marked failed).
     """
     row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE key = ?", (key,)).fetchone()
     if row is None:
@@ -1033,7 +1092,8 @@ def _claim(conn: sqlite3.Connection, key: str, now: float) -> tuple[str, Any]:
         return "running", task
     if state != PENDING:
         return "gone", state
+    before = task.update_time
     conn.execute("UPDATE tasks SET state = ?, update_time = ? WHERE key = ?",
                  (RUNNING, now, key))
     task.update_time = now
-    return "ok", task
+    return "ok", (task, before)

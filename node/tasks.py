@@ -496,6 +496,9 @@ class ReplicatePieceTask(Task):
     #: wall time of the earliest signature (a secondary's seal deadline starts about then)
     signed_at: float = 0.0
     sealed: bool = False
+    #: how many times this object was replicated again because its seal came too late
+    #: (SealTooLate); the manager stops after ``Manager.max_late_seals``
+    late_seals: int = 0
     priority: int = DEFAULT_PRIORITY[TaskType.ReplicatePiece]
     timeout: float = 300.0
     max_retry: int = 3
@@ -536,6 +539,8 @@ class SealObjectTask(Task):
     #: the replication's ``signed_at``: past it plus the secondaries' seal_confirm_timeout
     #: they may have dropped their pieces, and the seal must not be sent (0: unknown)
     signed_at: float = 0.0
+    #: the replication's ``late_seals`` (see :class:`ReplicatePieceTask`)
+    late_seals: int = 0
     priority: int = DEFAULT_PRIORITY[TaskType.SealObject]
     timeout: float = 120.0
     max_retry: int = 3

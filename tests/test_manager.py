@@ -312,6 +312,39 @@ async def test_report_error_backs_off_then_redispatches(manager: Manager,
     assert await manager.dispatch_task(ALL) is None
 
 
+async def test_a_released_task_is_pending_again_without_a_retry(tmp_path: Path,
+                                                                clock: FakeClock) -> None:
+    """The executor gives back a dispatched task it could not reserve resources for (found
+    in review: that used to be reported as a failed attempt): pending again as it was before
+    the dispatch (retry, error, backoff), in SPDB too, and dispatchable at once."""
+    path = tmp_path / "spdb.sqlite3"
+    t = replicate(3, max_retry=3)
+    async with manager_at(path, clock) as m:
+        await m.add_task(t)
+        got = await m.dispatch_task(ALL)
+        assert got is not None
+        await m.report_task(got, "flaky")                      # retry 1, backoff 2 s
+        clock.advance(2.5)
+        got = await m.dispatch_task(ALL)
+        assert got is not None and got.retry == 1
+        assert await m.release_task(got)
+        stored = await m.get_task(t.key)
+        assert await m.get_state(t.key) == PENDING
+        assert stored is not None and (stored.retry, stored.error) == (1, "flaky")
+        assert stored.update_time == T0                        # the failure's, not now
+        assert not await m.release_task(got)                   # not running: nothing
+        again = await m.dispatch_task(ALL)                     # no new backoff
+        assert again is not None and again.key == t.key and again.retry == 1
+        stale = dataclasses.replace(again, update_time=again.update_time - 1)
+        assert not await m.release_task(stale)                 # another dispatch's
+        assert await m.get_state(t.key) == RUNNING
+        assert await m.release_task(again)
+    async with manager_at(path, clock) as m:                   # the same after a restart
+        again = await m.dispatch_task(ALL)
+        assert again is not None and again.key == t.key and again.retry == 1
+        assert m.stats["recovered.reset"] == 0
+
+
 def test_backoff_is_capped_by_the_timeout() -> None:
     assert backoff(300.0, 0) == 0.0
     assert [backoff(300.0, r) for r in (1, 2, 3)] == [2.0, 4.0, 8.0]
@@ -413,9 +446,35 @@ async def test_a_seal_too_late_replicates_again(manager: Manager, clock: FakeClo
     again = await manager.dispatch_task(ALL)
     assert isinstance(again, ReplicatePieceTask) and again.key == rep.key
     assert (again.secondaries, again.signed_at, again.retry) == ([], 0.0, 0)
+    assert again.late_seals == 1
     state = await manager.ctx.db.run(lambda c: c.execute(
         "SELECT state FROM upload_progress WHERE object_id = 8").fetchone()[0])
     assert state == "REPLICATING"
+
+
+async def test_seals_too_late_replicate_again_a_few_times_then_fail(manager: Manager
+                                                                   ) -> None:
+    """The SealTooLate -> replicate again cycle is bounded (``max_late_seals``, counted in
+    the tasks' ``late_seals``): then the upload is FAILED with an error that says why."""
+    key = replicate(9).key
+    await manager.add_task(replicate(9))
+    for late in range(manager.max_late_seals + 1):
+        rep = await manager.dispatch_task(ALL)
+        assert isinstance(rep, ReplicatePieceTask) and rep.key == key
+        assert rep.late_seals == late
+        rep.secondaries, rep.secondary_signatures = list(SECONDARIES), list(SIGNATURES)
+        await manager.report_task(rep)
+        seal = await manager.dispatch_task(ALL)
+        assert isinstance(seal, SealObjectTask) and seal.late_seals == late
+        await manager.report_task(seal, f"{SEAL_TOO_LATE} the secondaries signed 200 s ago")
+        assert await manager.get_state(seal.key) == FAILED
+    assert await manager.dispatch_task(ALL) is None
+    assert await manager.get_state(key) == DONE
+    stored = await manager.get_task(seal.key)
+    assert stored is not None and "too late 4 times" in stored.error
+    state, error = await manager.ctx.db.run(lambda c: c.execute(
+        "SELECT state, error FROM upload_progress WHERE object_id = 9").fetchone())
+    assert state == "FAILED" and "too late 4 times" in error and "at most 3" in error
 
 
 async def test_replicate_reporting_sealed_skips_the_seal(manager: Manager) -> None:

@@ -585,16 +585,20 @@ def test_decode_missing_and_unknown_fields() -> None:
 
 
 def test_a_row_written_before_a_defaulted_field_existed_still_loads() -> None:
-    """An upgrade adds fields with defaults (``signed_at``): the task rows an older node
-    wrote still load, the new field at its default."""
+    """An upgrade adds fields with defaults (``signed_at``, ``late_seals``): the task rows an
+    older node wrote still load, the new field at its default."""
     task = SealObjectTask(object=OBJ, params=PARAMS, secondaries=["0x" + "22" * 20],
-                          secondary_signatures=[b"s"], signed_at=123.5)
+                          secondary_signatures=[b"s"], signed_at=123.5, late_seals=2)
     env = _envelope(task)
-    old = {k: v for k, v in env["fields"].items() if k not in ("signed_at", "retry")}
+    old = {k: v for k, v in env["fields"].items()
+           if k not in ("signed_at", "retry", "late_seals")}
     back = decode_task(msgpack.packb({**env, "fields": old}, use_bin_type=True))
     assert isinstance(back, SealObjectTask)
-    assert (back.signed_at, back.retry) == (0.0, 0)
+    assert (back.signed_at, back.retry, back.late_seals) == (0.0, 0, 0)
     assert back.secondaries == task.secondaries
+    assert decode_task(encode_task(task)) == task
+    replicate = ReplicatePieceTask(object=OBJ, params=PARAMS, late_seals=1)
+    assert decode_task(encode_task(replicate)) == replicate
 
 
 @pytest.mark.parametrize(
