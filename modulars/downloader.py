@@ -980,6 +980,10 @@ class Downloader(ModularBase):
         except (GfspError, OSError) as exc:
             self.stats["repair_failures"] += 1
             log.warning("repair of segment %d of object %d failed: %s", segment, obj.id, exc)
+        except Exception:  # a bug in best-effort background work: logged with
+            # its traceback and counted; it must not stop the downloader (and the node)
+            self.stats["repair_failures"] += 1
+            log.exception("repair of segment %d of object %d failed", segment, obj.id)
         finally:
             del data
             if hold is not None:
@@ -1050,6 +1054,9 @@ class Downloader(ModularBase):
         except (GfspError, OSError) as exc:
             self.stats["repair_failures"] += 1
             log.warning("recovery of segment %d of object %d failed: %s", segment, obj.id, exc)
+        except Exception:  # as in _repair: a bug here must not stop the node
+            self.stats["repair_failures"] += 1
+            log.exception("recovery of segment %d of object %d failed", segment, obj.id)
         finally:
             self._end_repair((obj.id, segment))
 
