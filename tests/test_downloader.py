@@ -711,6 +711,24 @@ async def test_unreadable_segment_is_read_from_the_secondaries_and_repaired(
     assert world.dl.stats["degraded_reads"] == 1 and world.dl.stats["repairs"] == 1
 
 
+async def test_a_bug_in_a_repair_is_counted_and_the_downloader_goes_on(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error in the background repair is logged and counted; it used to end
+    the downloader's nursery, and with it the node (found in review)."""
+    oid = world.object.id
+    await world.store.delete(segment_key(oid, 1))
+
+    async def buggy_put(key: str, data: Any, **kw: Any) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(world.store, "put", buggy_put)
+    assert await world.read() == DATA
+    await world.dl.wait_background()
+    assert world.dl.stats["repair_failures"] == 1
+    assert world.ctx.modulars.is_running("downloader")
+    assert await world.read() == DATA  # still served (degraded again)
+
+
 @pytest.mark.parametrize("lie", ["bad_piece", "forged_list", "bad_list", "other_index", "short",
                                  "missing", "garbage", "crash"])
 async def test_lying_or_failing_secondaries_are_skipped(world: World, lie: str) -> None:
