@@ -574,27 +574,33 @@ class TaskExecutor(ModularBase):
                     await self.store.delete(key)
 
     async def _collect_unsealed(self, object_id: int, keys: list[str]) -> None:
-        """Pieces (not the primary's segments) of an object still not sealed, with no task of
-        ours on it, last written more than ``unsealed_piece_ttl`` ago: a replication that
-        never came to "done" here (the primary moved to a backup, or gave up). A replication
-        that resumes sends them again; its "done" fails over if they are gone meanwhile."""
+        """Pieces and segments of an object still not sealed, with no task of ours on it
+        (no upload, replication, seal or receive queued or running), last written more than
+        ``unsealed_piece_ttl`` ago. Pieces: a replication that never came to "done" here
+        (the primary moved to a backup, or gave up); a replication that resumes sends them
+        again, and its "done" fails over if they are gone meanwhile. Segments: a primary's
+        upload or replication that failed for good, or whose cleanup a crash cut short (found
+        in review: they stayed until the object was deleted on the chain)."""
         cutoff = time.time() - self.cfg.unsealed_piece_ttl
         dropped: list[tuple[int, int, int]] = []
         for key in keys:
             k = parse_key(key)
-            if k.index is None:
-                continue
             written = await self.store.modified(key)
             if written is not None and written < cutoff and await self.store.delete(key):
-                dropped.append((object_id, k.segment, k.index))
+                dropped.append((object_id, k.segment, -1 if k.index is None else k.index))
         if dropped:
-            await self.ctx.db.run(lambda c: c.executemany(
-                "DELETE FROM piece_hashes WHERE object_id = ? AND segment = ? AND "
-                "redundancy_index = ?", dropped))
+            def forget(conn: sqlite3.Connection) -> None:
+                conn.executemany("DELETE FROM piece_hashes WHERE object_id = ? AND "
+                                 "segment = ? AND redundancy_index = ?", dropped)
+                conn.executemany("DELETE FROM integrity_meta WHERE object_id = ? AND "
+                                 "redundancy_index = ?",
+                                 sorted({(o, i) for o, _, i in dropped}))
+
+            await self.ctx.db.run(forget)
             if self.ctx.modulars.is_running("receiver"):
                 self.ctx.modulars.receiver.forget_object(object_id)
-            log.info("collected %d pieces of object %d, not sealed after %g s", len(dropped),
-                     object_id, self.cfg.unsealed_piece_ttl)
+            log.info("collected %d pieces and segments of object %d, not sealed after %g s",
+                     len(dropped), object_id, self.cfg.unsealed_piece_ttl)
 
     async def _in_progress(self, object_id: int) -> bool:
         """An upload, replication or receive of the object is still queued or running."""

@@ -40,8 +40,10 @@ async def test_pieces_of_an_object_never_sealed_are_collected_after_the_ttl(
     cfg = dataclasses.replace(Config(), executor=ExecutorSection(unsealed_piece_ttl=TTL))
     store = await LocalPieceStore.create(tmp_path / "pieces", fsync=False)
     old, fresh = piece_key(OID, 0, 2), piece_key(OID, 1, 2)
-    segment = segment_key(OID, 0)  # a primary's segment is never this GC's to collect
-    for key in (old, fresh, segment):
+    # a primary's segments too (an upload or replication that failed for good, or whose
+    # cleanup a crash cut short: found in review, they stayed until deleted on chain)
+    segment, fresh_segment = segment_key(OID, 0), segment_key(OID, 1)
+    for key in (old, fresh, segment, fresh_segment):
         await store.put(key, b"x" * 100)
     long_ago = time.time() - TTL - 60
     for key in (old, segment):
@@ -53,7 +55,11 @@ async def test_pieces_of_an_object_never_sealed_are_collected_after_the_ttl(
         ctx.modulars.mark_running(signer)  # type: ignore[arg-type]
         await db.run(lambda c: c.executemany(
             "INSERT INTO piece_hashes (object_id, segment, redundancy_index, checksum) "
-            "VALUES (?, ?, 2, ?)", [(OID, 0, b"0" * 32), (OID, 1, b"1" * 32)]))
+            "VALUES (?, ?, ?, ?)", [(OID, 0, 2, b"0" * 32), (OID, 1, 2, b"1" * 32),
+                                    (OID, 0, -1, b"2" * 32), (OID, 1, -1, b"3" * 32)]))
+        await db.run(lambda c: c.execute(
+            "INSERT INTO integrity_meta (object_id, redundancy_index, integrity_hash, "
+            "checksums, signature) VALUES (?, -1, ?, x'', x'')", (OID, b"4" * 32)))
         ex = TaskExecutor(ctx)
         task = GCZombiePieceTask(start_object_id=OID, end_object_id=OID)
 
@@ -64,14 +70,18 @@ async def test_pieces_of_an_object_never_sealed_are_collected_after_the_ttl(
             "update_time, retry, max_retry, error) VALUES (?, 'ReceivePiece', 0, 'pending', "
             "x'', 0, 0, 0, 0, '')", (receive.key,)))
         await ex.handle_gc_zombie_piece_task(task)
-        assert sorted(await store.keys(OID)) == sorted([old, fresh, segment])
+        assert sorted(await store.keys(OID)) == sorted([old, fresh, segment, fresh_segment])
 
         await db.run(lambda c: c.execute("DELETE FROM tasks"))
         await ex.handle_gc_zombie_piece_task(task)
-        assert sorted(await store.keys(OID)) == sorted([fresh, segment])
+        assert sorted(await store.keys(OID)) == sorted([fresh, fresh_segment])
         rows = await db.run(lambda c: c.execute(
-            "SELECT segment FROM piece_hashes WHERE object_id = ?", (OID,)).fetchall())
-        assert rows == [(1,)]
+            "SELECT segment, redundancy_index FROM piece_hashes WHERE object_id = ? "
+            "ORDER BY redundancy_index", (OID,)).fetchall())
+        assert rows == [(1, -1), (1, 2)]
+        meta = await db.run(lambda c: c.execute(
+            "SELECT COUNT(*) FROM integrity_meta WHERE object_id = ?", (OID,)).fetchone())
+        assert meta == (0,)
 
 
 def _params() -> Any:
