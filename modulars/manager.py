@@ -444,6 +444,9 @@ class Manager(ModularBase):
         self.stats: Counter[str] = Counter()
         self._index = _Index()
         self._lock = trio.Lock()
+        #: receives reported by the receiver while a confirm of the same key was running
+        #: (the primary replicated to us again): confirmed afresh once that run reports
+        self._fresh_receives: dict[str, ReceivePieceTask] = {}
         self._loaded = False
         self._work = trio.Event()
 
@@ -920,19 +923,34 @@ class Manager(ModularBase):
         await self.load()
         state = await self.get_state(task.key)
         if state == RUNNING:
-            await self._settle(task)
-            return
+            entry = self._index.entries.get(task.key)
+            if entry is not None and entry.update_time != task.update_time:
+                # not the running confirm's report (that carries its dispatch time) but the
+                # receiver's: the primary sent this index again and got a new "done" while
+                # we were confirming the old one. Confirm afresh once that run reports.
+                if not task.error:
+                    self._fresh_receives[task.key] = task
+                    self.stats["receive.again"] += 1
+                return
+            fresh = self._fresh_receives.pop(task.key, None)
+            if fresh is None or not task.error:  # no new receive, or the seal was confirmed
+                await self._settle(task)
+                return
+            task = replace(fresh)  # not confirmed, and pieces came again: wait anew
         if task.error:
             self.stats["receive.error"] += 1
             return
         async with self._lock:
             now = self.clock()
+            replaces_run = state == RUNNING  # the run just reported: its row is ours
             task.update_time, task.retry, task.error = now, 0, ""
+            if replaces_run:
+                task.create_time = now  # the seal wait runs from the new "done"
             task.max_retry = max(task.max_retry, self._confirm_retries(task.timeout))
             payload = encode_task(task)
 
             def tx(conn: sqlite3.Connection) -> bool:
-                if _state_of(conn, task.key) == RUNNING:
+                if _state_of(conn, task.key) == RUNNING and not replaces_run:
                     return False
                 _write(conn, task, PENDING, payload)
                 return True

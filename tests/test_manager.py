@@ -520,6 +520,37 @@ async def test_receive_confirm_done_or_gc(manager: Manager, clock: FakeClock) ->
     assert await manager.get_task(bad.key) is None
 
 
+async def test_a_new_receive_while_its_confirm_runs_is_confirmed_afresh(
+        manager: Manager, clock: FakeClock) -> None:
+    """The primary replicated to us again (a new "done") while the confirm of the old
+    receive was running: the receiver's report is not that run's result (found in review:
+    it settled the running confirm as done, and the new pieces waited for the zombie GC)."""
+    received = ReceivePieceTask(object=obj(9), params=PARAMS, redundancy_index=2,
+                                create_time=T0)
+    await manager.handle_receive_piece_task(received)
+    confirm = await manager.dispatch_task(ALL)
+    assert isinstance(confirm, ReceivePieceTask)
+    clock.advance(30)
+    again = ReceivePieceTask(object=obj(9), params=PARAMS, redundancy_index=2,
+                             signature=b"n" * 64, create_time=clock())
+    await manager.handle_receive_piece_task(again)
+    assert await manager.get_state(received.key) == RUNNING  # not settled by the receiver
+    await manager.report_task(confirm, "NotSealedYet: object 9 is not sealed yet")
+    stored = await manager.get_task(received.key)
+    assert await manager.get_state(received.key) == PENDING
+    assert stored is not None and stored.retry == 0 and stored.create_time == clock()
+    assert stored.signature == b"n" * 64
+    # a confirm that finds the seal settles it, a new receive meanwhile or not
+    confirm = await manager.dispatch_task(ALL)
+    assert confirm is not None and confirm.key == received.key
+    clock.advance(5)
+    await manager.handle_receive_piece_task(dataclasses.replace(again, create_time=clock(),
+                                                                update_time=0.0))
+    confirm.sealed = True
+    await manager.report_task(confirm)
+    assert await manager.get_state(received.key) == DONE
+
+
 async def test_download_and_challenge_are_stats_only(manager: Manager) -> None:
     d = DownloadObjectTask(object=obj(1), bucket=BucketInfo(id=1, name="bkt", owner="o"),
                            params=PARAMS, low=0, high=9)
