@@ -50,18 +50,20 @@ import hashlib
 import heapq
 import re
 import secrets
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote
 
 from node.crypto import PrivateKey, address_of, is_address, verify
-from node.errors import ServiceError, SignatureError
+from node.errors import ServiceError, ServiceUnavailable, SignatureError
 
 __all__ = [
     "AUTHORIZATION_HEADER",
     "CODES",
     "CONTENT_SHA256_HEADER",
     "DEFAULT_REPLAY_ENTRIES",
+    "DEFAULT_REPLAY_PER_ACCOUNT",
     "SCHEME",
     "UNSIGNED_PAYLOAD",
     "AuthError",
@@ -101,8 +103,11 @@ CODES: dict[str, int] = {
     "UnsignedPayloadNotAllowed": 400,
 }
 
-#: Bound of a :class:`ReplayCache` unless told otherwise (about 200 bytes an entry: ~20 MB).
+#: Bound of a :class:`ReplayCache` unless told otherwise (about 300 bytes an entry: ~30 MB).
 DEFAULT_REPLAY_ENTRIES = 100_000
+#: Live pairs one account may hold in a :class:`ReplayCache` unless told otherwise: more than a
+#: client at the gater's default rate limit (50/s, burst 100) signing 300 s expiries reaches.
+DEFAULT_REPLAY_PER_ACCOUNT = 20_000
 #: The longest Authorization header value accepted (a well-formed one is ~400 characters).
 MAX_AUTHORIZATION_LEN = 2048
 NONCE_LEN = 16
@@ -242,8 +247,9 @@ def sign_request(key: PrivateKey, method: str, url_path: str, query: Iterable[tu
     ``payload_sha256`` is the body's hex sha256 (:func:`payload_sha256`; ``sha256(b"")`` for
     no body), or None for UNSIGNED-PAYLOAD (refused by routes that act on their body).
     ``expiry`` is the unix second after which the request is void (the gater refuses expiries
-    further ahead than its ``max_signature_age``, 7 days at most; prefer minutes); ``nonce``
-    16 random bytes (:func:`new_nonce`), never reused while the request could still be valid.
+    further ahead than its ``max_signature_age``, 15 minutes by default; sign each request
+    with the same lifetime, a few minutes, see :class:`ReplayCache`); ``nonce`` 16 random
+    bytes (:func:`new_nonce`), never reused while the request could still be valid.
     Raises ValueError for arguments that could not be verified.
     """
     if len(nonce) != NONCE_LEN:
@@ -377,53 +383,279 @@ def verify_request(*, method: str, raw_path: str, query: Iterable[tuple[str, str
                            else content_hash)
 
 
+class _Account:
+    """One account's live pairs in a :class:`ReplayCache` and its floor."""
+
+    __slots__ = ("floor", "heap", "pairs")
+
+    def __init__(self) -> None:
+        self.pairs: dict[bytes, int] = {}  # nonce -> expiry
+        self.heap: list[tuple[int, bytes]] = []  # (expiry, nonce) of ``pairs``, earliest first
+        #: The latest expiry of this account's pairs evicted before they expired (None: none
+        #: since the last one passed): its requests expiring at or before it are refused.
+        self.floor: int | None = None
+
+
+def _weight(acct: _Account) -> int:
+    """Twice the records an account holds (its pairs and floor), plus one if it has a floor:
+    accounts are evicted from by weight, so of two holding as many records, the one with a
+    floor gives one up first (it frees a record by losing one pair, not two). 4 or more: it
+    can free a record."""
+    return 2 * len(acct.pairs) + (3 if acct.floor is not None else 0)
+
+
 class ReplayCache:
     """The (account, nonce) pairs of accepted requests, each kept until its request expires.
 
-    Bounded: at most ``max_entries`` pairs (default :data:`DEFAULT_REPLAY_ENTRIES`). When full,
-    expired pairs go first, then the earliest-expiring ones; and once a pair that had not
-    expired had to go, no request expiring at or before it is accepted any more (its replay
-    could not be told apart), so a full cache never lets a replay through: at worst it
-    refuses requests with short expiries until they are past (:class:`AuthError`
-    ``ReplayCacheFull``, a 503 to retry). Not thread safe; trio tasks calling it need no lock
-    (no checkpoints inside).
+    A replay is never accepted: a pair is forgotten before it expires only with a *floor*
+    saying that requests of its account expiring at or before it are refused (503
+    ``SlowDown``, retry with a later expiry). Floors are per account, so that one account's
+    flood gets only its own requests refused:
+
+    - an account holds at most ``max_per_account`` live pairs (default
+      :data:`DEFAULT_REPLAY_PER_ACCOUNT`); past that its own requests are refused
+      (503 ``SlowDown``, Retry-After when its earliest pair expires) and nobody else's;
+    - the cache holds at most ``max_entries`` records (default :data:`DEFAULT_REPLAY_ENTRIES`):
+      live pairs plus one floor per account. When full, an account holding the most records
+      (of those, one with a floor, then the last to get there) gives up its earliest pair,
+      raising its floor to that pair's expiry; one without a floor gives up two, so that a
+      record is freed. A client signing every request with the same lifetime (the client
+      library and the SPs sign 300 s) is not refused even then: a fresh request expires after
+      the pairs it gave up, unless signed within the same second;
+    - when no account can give a pair up (every account holds one record: a flood of more
+      fresh accounts than ``max_entries`` within ``max_signature_age``), the earliest record
+      is *spilled*: its expiry raises the floor of one of ``spill_slots`` slots (default
+      ``max_entries``, 8 bytes each), shared by the accounts a keyed hash (secret per process)
+      maps to it. Such a flood thus refuses the short expiries of a share of the accounts (the
+      slots it covered) while it lasts, rather than every request, and never lets a replay in.
+
+    Expired pairs and passed floors are dropped first. Not thread safe; trio tasks calling it
+    need no lock (no checkpoints inside).
     """
 
-    def __init__(self, max_entries: int = DEFAULT_REPLAY_ENTRIES) -> None:
+    def __init__(self, max_entries: int = DEFAULT_REPLAY_ENTRIES,
+                 max_per_account: int = DEFAULT_REPLAY_PER_ACCOUNT,
+                 spill_slots: int | None = None) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
+        if max_per_account < 1:
+            raise ValueError("max_per_account must be >= 1")
+        if spill_slots is not None and spill_slots < 1:
+            raise ValueError("spill_slots must be >= 1")
         self.max_entries = max_entries
-        self._expiry: dict[tuple[str, bytes], int] = {}
+        self.max_per_account = max_per_account
+        self.spill_slots = max_entries if spill_slots is None else spill_slots
+        self._accounts: dict[str, _Account] = {}
+        # every pair by expiry, to drop expired ones; an evicted pair stays until popped
+        # (``_stale`` of them) or until the heap is rebuilt
         self._heap: list[tuple[int, str, bytes]] = []
-        self._floor = -1  # the latest expiry of a pair evicted before it expired
+        self._stale = 0
+        self._floors: list[tuple[int, str]] = []  # one (floor, account) per floor, maybe raised
+        self._npairs = 0
+        self._nfloors = 0
+        # accounts by weight (:func:`_weight`), to find one holding the most records
+        self._by_weight: dict[int, dict[str, None]] = {}
+        self._top = 0
+        self._spill: array[int] | None = None  # made at the first spill
+        self._spill_max = -1
+        self._spill_key = secrets.token_bytes(16)
         self.evicted = 0
+        self.spilled = 0
 
     def __len__(self) -> int:
-        return len(self._expiry)
+        """Live pairs."""
+        return self._npairs
 
     def __contains__(self, key: tuple[str, bytes]) -> bool:
-        return key in self._expiry
+        acct = self._accounts.get(key[0])
+        return acct is not None and key[1] in acct.pairs
 
-    def _pop(self) -> int:
-        expiry, account, nonce = heapq.heappop(self._heap)
-        del self._expiry[(account, nonce)]
-        return expiry
+    @property
+    def floors(self) -> int:
+        """Accounts with a floor (each takes one of the ``max_entries`` records)."""
+        return self._nfloors
+
+    def floor_of(self, account: str) -> int | None:
+        """The account's own floor (see the class doc), None when it has none."""
+        acct = self._accounts.get(account)
+        return None if acct is None else acct.floor
+
+    def pairs_of(self, account: str) -> int:
+        """The account's live pairs."""
+        acct = self._accounts.get(account)
+        return 0 if acct is None else len(acct.pairs)
+
+    # --- the checks ------------------------------------------------------------------------
 
     def check(self, account: str, nonce: bytes, expiry: int, now: float) -> None:
-        """Raise what :meth:`check_and_add` would, recording nothing."""
-        if (account, nonce) in self._expiry:
-            raise AuthError("ReplayedRequest", "this request (account, nonce) was already used")
-        if expiry <= self._floor and self._floor >= now:
-            raise ServiceError("SlowDown", "too many recent requests to tell this one from a "
-                               "replay: retry with a later expiry, or later", 503)
+        """Raise what :meth:`check_and_add` would, recording nothing (expired pairs and passed
+        floors are dropped)."""
+        self._prune(now)
+        acct = self._accounts.get(account)
+        if acct is not None:
+            if nonce in acct.pairs:
+                raise AuthError("ReplayedRequest",
+                                "this request (account, nonce) was already used")
+            if acct.floor is not None and expiry <= acct.floor:
+                raise ServiceUnavailable(
+                    f"too many recent requests of {account} to tell this one from a replay: "
+                    f"sign it again with an expiry after {acct.floor}")
+            if len(acct.pairs) >= self.max_per_account:
+                raise ServiceUnavailable(
+                    f"{account} has {len(acct.pairs)} signed requests that have not expired "
+                    f"(at most {self.max_per_account}): slow down, or sign shorter expiries",
+                    retry_after=acct.heap[0][0] - now + 1)
+        if expiry <= self._spill_max and self._spill is not None:
+            spilled = self._spill[self._slot(account)]
+            if expiry <= spilled:
+                raise ServiceUnavailable(
+                    "too many accounts signed requests recently to tell this one from a "
+                    f"replay: sign it again with an expiry after {spilled}, or later")
 
     def check_and_add(self, account: str, nonce: bytes, expiry: int, now: float) -> None:
-        """Record the pair; :class:`AuthError` ReplayedRequest if it is already recorded."""
-        while self._heap and self._heap[0][0] < now:
-            self._pop()
+        """Record the pair; :class:`AuthError` ReplayedRequest if it is already recorded,
+        503 ``SlowDown`` (:class:`~node.errors.ServiceUnavailable`) as the class doc says."""
         self.check(account, nonce, expiry, now)
-        while len(self._expiry) >= self.max_entries:
-            self._floor = max(self._floor, self._pop())
-            self.evicted += 1
-        self._expiry[(account, nonce)] = expiry
+        if self._npairs + self._nfloors >= self.max_entries:
+            giver = self._giver()
+            if giver is not None:
+                self._evict(giver)
+            else:
+                self._spill_earliest()
+        acct = self._accounts.get(account)
+        if acct is None:
+            acct = self._accounts[account] = _Account()
+        weight = _weight(acct)
+        acct.pairs[nonce] = expiry
+        heapq.heappush(acct.heap, (expiry, nonce))
         heapq.heappush(self._heap, (expiry, account, nonce))
+        self._npairs += 1
+        self._reweigh(account, acct, weight)
+
+    # --- bookkeeping -----------------------------------------------------------------------
+
+    def _giver(self) -> str | None:
+        """The account to evict a pair of: of those holding the most records, one with a
+        floor, the one that got there last; None when none can free a record (each holds one:
+        a pair or a floor)."""
+        while self._top > 0 and self._top not in self._by_weight:
+            self._top -= 1
+        return next(reversed(self._by_weight[self._top])) if self._top >= 4 else None
+
+    def _reweigh(self, account: str, acct: _Account, old: int) -> None:
+        """Index the account again after its weight changed from ``old``."""
+        new = _weight(acct)
+        if old == new:
+            return
+        if old:
+            same = self._by_weight[old]
+            del same[account]
+            if not same:
+                del self._by_weight[old]
+        if new:
+            self._by_weight.setdefault(new, {})[account] = None
+            self._top = max(self._top, new)
+
+    def _evict(self, account: str) -> None:
+        """Evict the account's earliest pair (two if that gave it a floor): frees a record."""
+        acct = self._accounts[account]
+        for _ in range(2 if acct.floor is None else 1):
+            while True:
+                expiry, nonce = heapq.heappop(acct.heap)
+                if acct.pairs.get(nonce) == expiry:
+                    break
+            weight = _weight(acct)
+            del acct.pairs[nonce]
+            self._npairs -= 1
+            if acct.floor is None:
+                acct.floor = expiry
+                self._nfloors += 1
+                heapq.heappush(self._floors, (expiry, account))
+            else:
+                acct.floor = max(acct.floor, expiry)
+            self._reweigh(account, acct, weight)
+            self.evicted += 1
+            self._stale += 1
+        if self._stale > max(1024, self._npairs):  # rebuild the heap without evicted pairs
+            self._heap = [(e, name, n) for name, a in self._accounts.items()
+                          for n, e in a.pairs.items()]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    def _spill_earliest(self) -> None:
+        """Forget the earliest record (a pair or a floor), raising its account's slot to it."""
+        heap, floors = self._heap, self._floors
+        while heap:  # the earliest live pair
+            expiry, account, nonce = heap[0]
+            acct = self._accounts.get(account)
+            if acct is not None and acct.pairs.get(nonce) == expiry:
+                break
+            heapq.heappop(heap)
+            self._stale -= 1
+        while floors:  # the earliest floor, as it is now
+            floor, account = floors[0]
+            current = self._accounts[account].floor
+            assert current is not None  # each floor has one entry in the heap
+            if current == floor:
+                break
+            heapq.heapreplace(floors, (current, account))
+        if floors and (not heap or floors[0][0] < heap[0][0]):
+            value, account = heapq.heappop(floors)
+            acct = self._accounts[account]
+            weight = _weight(acct)
+            acct.floor = None
+            self._nfloors -= 1
+        else:
+            value, account, nonce = heapq.heappop(heap)
+            acct = self._accounts[account]
+            weight = _weight(acct)
+            del acct.pairs[nonce]  # its entry in acct.heap goes when it comes first there
+            self._npairs -= 1
+        self._reweigh(account, acct, weight)
+        self._forget_if_empty(account, acct)
+        if self._spill is None:
+            self._spill = array("q", [-1]) * self.spill_slots
+        slot = self._slot(account)
+        self._spill[slot] = max(self._spill[slot], value)
+        self._spill_max = max(self._spill_max, value)
+        self.spilled += 1
+
+    def _slot(self, account: str) -> int:
+        digest = hashlib.blake2b(account.encode(), digest_size=8, key=self._spill_key).digest()
+        return int.from_bytes(digest, "big") % self.spill_slots
+
+    def _prune(self, now: float) -> None:
+        """Drop expired pairs and passed floors (a request expiring before ``now`` is refused
+        as expired anyway)."""
+        heap = self._heap
+        while heap and heap[0][0] < now:
+            expiry, account, nonce = heapq.heappop(heap)
+            acct = self._accounts.get(account)
+            if acct is None or acct.pairs.get(nonce) != expiry:
+                self._stale -= 1  # evicted or spilled earlier
+                continue
+            weight = _weight(acct)
+            del acct.pairs[nonce]
+            self._npairs -= 1
+            self._reweigh(account, acct, weight)
+            # the account's entries for pairs gone by now come before its live ones
+            while acct.heap and acct.pairs.get(acct.heap[0][1]) != acct.heap[0][0]:
+                heapq.heappop(acct.heap)
+            self._forget_if_empty(account, acct)
+        floors = self._floors
+        while floors and floors[0][0] < now:
+            _, account = heapq.heappop(floors)
+            acct = self._accounts[account]
+            assert acct.floor is not None  # each floor has one entry in the heap
+            if acct.floor >= now:  # raised since: look again then
+                heapq.heappush(floors, (acct.floor, account))
+                continue
+            weight = _weight(acct)
+            acct.floor = None
+            self._nfloors -= 1
+            self._reweigh(account, acct, weight)
+            self._forget_if_empty(account, acct)
+
+    def _forget_if_empty(self, account: str, acct: _Account) -> None:
+        if not acct.pairs and acct.floor is None:
+            del self._accounts[account]

@@ -165,8 +165,16 @@ class GaterSection:
     rate_limit: float = _f(50.0, "Requests per second per account (token bucket rate).",
                            lo=0.1, hi=1e6)
     rate_burst: int = _f(100, "Token bucket size per account.", lo=1, hi=1_000_000)
-    max_signature_age: Seconds = _f(Seconds(7 * 86400), "Furthest expiry a request may carry.",
-                                    lo=1, hi=7 * 86400)
+    max_signature_age: Seconds = _f(Seconds(900), "Furthest ahead a request's expiry may be "
+                                    "(clients and SPs sign 300 s; replays are remembered "
+                                    "that long).", lo=1, hi=7 * 86400)
+    replay_entries: int = _f(100_000, "Signed requests remembered against replays (~300 bytes "
+                                      "each); when full, the account holding the most gives "
+                                      "one up.", lo=16, hi=100_000_000)
+    replay_per_account: int = _f(20_000, "Unexpired signed requests one account may have "
+                                         "(more: 503 SlowDown for it alone; keep above "
+                                         "rate_limit x 300 + rate_burst).",
+                                 lo=1, hi=100_000_000)
     drain_timeout: Seconds = _f(Seconds(10.0), "Seconds to finish requests on shutdown.",
                                 lo=0, hi=3600)
     recv_bytes: ByteSize = _f(ByteSize(512 * KiB), "Most bytes read from a connection at once "

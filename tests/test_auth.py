@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import random
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -23,7 +26,7 @@ from node.auth import (
     verify_request,
 )
 from node.crypto import PrivateKey
-from node.errors import ServiceError
+from node.errors import ServiceError, ServiceUnavailable
 
 KEY = PrivateKey(bytes(range(32)))
 OTHER = PrivateKey(bytes(range(1, 33)))
@@ -300,37 +303,194 @@ def test_replay_cache_forgets_expired_pairs() -> None:
     assert len(cache) == 1
 
 
-def test_replay_cache_evicts_earliest_expiring_when_full() -> None:
-    cache = ReplayCache(max_entries=3)
+def test_replay_cache_evicts_the_largest_accounts_earliest_pairs_when_full() -> None:
+    cache = ReplayCache(max_entries=4)
     cache.check_and_add("a", b"late", expiry=300, now=0)
     cache.check_and_add("a", b"early", expiry=100, now=0)
     cache.check_and_add("a", b"mid", expiry=200, now=0)
-    cache.check_and_add("a", b"new", expiry=250, now=0)
-    assert len(cache) == 3
-    assert cache.evicted == 1
-    assert ("a", b"early") not in cache
-    for kept in (b"late", b"mid", b"new"):
-        assert ("a", kept) in cache
+    cache.check_and_add("b", b"one", expiry=50, now=0)
+    cache.check_and_add("c", b"new", expiry=250, now=0)
+    # "a" holds the most: its two earliest pairs go (the first gave it a floor, which takes a
+    # record), and "b" keeps its pair although it expires first
+    assert (len(cache), cache.floors, cache.evicted) == (3, 1, 2)
+    assert cache.floor_of("a") == 200 and cache.floor_of("b") is None
+    for gone in (b"early", b"mid"):
+        assert ("a", gone) not in cache
+    for kept in (("a", b"late"), ("b", b"one"), ("c", b"new")):
+        assert kept in cache
     with pytest.raises(ValueError):
         ReplayCache(max_entries=0)
+    with pytest.raises(ValueError):
+        ReplayCache(max_per_account=0)
 
 
 def test_a_full_replay_cache_never_lets_a_replay_through() -> None:
-    """Found in review: the evicted pair could be replayed until its expiry. Now nothing
-    expiring at or before an evicted, unexpired pair is accepted (503, retry) until then."""
-    cache = ReplayCache(max_entries=2)
+    """Found in review: the evicted pair could be replayed until its expiry. Now the evicted
+    pair's account refuses what expires at or before it (503, retry) until then; other
+    accounts are not affected."""
+    cache = ReplayCache(max_entries=4)
     cache.check_and_add("a", b"early", expiry=100, now=0)
+    cache.check_and_add("a", b"mid", expiry=200, now=0)
     cache.check_and_add("a", b"late", expiry=300, now=0)
-    cache.check_and_add("b", b"new", expiry=250, now=0)  # evicts "early", still valid
+    cache.check_and_add("b", b"new", expiry=250, now=0)  # full
+    cache.check_and_add("c", b"x", expiry=90, now=0)  # evicts "early" and "mid": floor 200
+    assert cache.floor_of("a") == 200
     with pytest.raises(ServiceError) as info:
         cache.check_and_add("a", b"early", expiry=100, now=10)  # its replay
     assert (info.value.code, info.value.status) == ("SlowDown", 503)
     with pytest.raises(ServiceError, match="replay"):
-        cache.check("c", b"short", expiry=90, now=10)
-    cache.check("c", b"longer", expiry=260, now=10)  # expiring later: fine
-    cache.check_and_add("c", b"short", expiry=150, now=101)  # "early" has expired: fine,
-    assert ("b", b"new") not in cache  # and it evicts "new" (valid until 250)
-    for replay in (("b", b"new", 250), ("c", b"short", 150)):
-        with pytest.raises(ServiceError):  # 503 for the evicted one, 403 for the kept one
-            cache.check_and_add(*replay, now=102)
-    cache.check_and_add("d", b"x", expiry=251, now=102)
+        cache.check("a", b"mid", expiry=200, now=10)
+    with pytest.raises(AuthError):  # kept: a plain replay
+        cache.check("a", b"late", expiry=300, now=10)
+    cache.check("a", b"later", expiry=201, now=10)  # expiring later: fine
+    cache.check("d", b"short", expiry=20, now=10)  # another account: fine
+    cache.check_and_add("d", b"short", expiry=20, now=10)  # evicts "late" of "a": floor 300
+    assert ("a", b"late") not in cache and cache.floor_of("a") == 300
+    with pytest.raises(ServiceError, match="replay"):
+        cache.check("a", b"late", expiry=300, now=20)
+    cache.check_and_add("a", b"again", expiry=400, now=300.5)  # "a"'s floor has passed
+    assert cache.floor_of("a") is None
+
+
+def test_a_flood_of_accounts_cannot_get_honest_requests_refused() -> None:
+    """Found in review: fresh keys each sending a burst of requests expiring as late as
+    allowed filled the cache; it then evicted pairs still valid for days and refused every
+    request expiring before them, every honest client's included, for days."""
+    cache = ReplayCache(max_entries=1000, max_per_account=50)
+    honest = KEY.address
+    few = [f"0x{n:040x}" for n in range(30)]  # could hold 1500 pairs
+    fresh = (f"0x{n:040x}" for n in itertools.count(1000))
+    refused = 0
+    nonces = itertools.count()
+
+    def flood(accounts: list[str], now: int) -> None:
+        nonlocal refused
+        for attacker in accounts:  # each a burst expiring 15 minutes ahead
+            for _ in range(50):
+                try:
+                    cache.check_and_add(attacker, next(nonces).to_bytes(16, "big"), now + 900,
+                                        now)
+                except ServiceError:  # its own cap or floor
+                    refused += 1
+
+    for step in range(200):
+        now = NOW + 30 * step
+        if step < 100:  # a few accounts: they give up their own pairs, never the client's
+            flood(few, now)
+        else:  # fresh accounts: the client, then holding the most, gives up its earliest
+            flood([next(fresh) for _ in range(25)], now)
+        # the client library's requests (300 s expiries): never refused
+        cache.check_and_add(honest, step.to_bytes(16, "big"), now + 300, now)
+        assert len(cache) + cache.floors <= 1000
+        if step < 100:
+            assert cache.floor_of(honest) is None
+            assert cache.pairs_of(honest) == min(step + 1, 11)  # its last 300 s
+    assert cache.evicted > 20_000 and refused > 20_000, (cache.evicted, refused)
+
+
+def test_an_account_over_its_cap_is_refused_alone() -> None:
+    cache = ReplayCache(max_entries=100, max_per_account=3)
+    for i in range(3):
+        cache.check_and_add("a", bytes([i]), expiry=100 + i, now=0)
+    with pytest.raises(ServiceError) as info:
+        cache.check("a", b"more", expiry=200, now=10)
+    assert (info.value.code, info.value.status) == ("SlowDown", 503)
+    assert isinstance(info.value, ServiceUnavailable) and info.value.retry_after == 91
+    with pytest.raises(ServiceError):
+        cache.check_and_add("a", b"more", expiry=200, now=10)
+    assert ("a", b"more") not in cache and cache.evicted == 0
+    cache.check_and_add("b", b"more", expiry=200, now=10)  # another account: fine
+    with pytest.raises(AuthError):  # a replay is still a replay
+        cache.check("a", bytes([0]), expiry=100, now=10)
+    cache.check_and_add("a", b"more", expiry=200, now=100.5)  # its first pair has expired
+
+
+def test_when_no_account_can_give_a_pair_up_the_earliest_record_is_spilled() -> None:
+    """max_entries accounts holding one record each: the earliest record is forgotten, its
+    expiry raising the floor of its account's slot (here one slot, shared by all)."""
+    cache = ReplayCache(max_entries=4, spill_slots=1)
+    for n in range(4):
+        cache.check_and_add(f"acct{n}", b"x", expiry=100 + n, now=0)
+    cache.check_and_add("new", b"x", expiry=50, now=0)  # spills acct0's pair
+    assert (len(cache), cache.spilled, cache.evicted) == (4, 1, 0)
+    assert ("acct0", b"x") not in cache
+    with pytest.raises(ServiceError) as info:
+        cache.check("acct0", b"x", expiry=100, now=1)  # its replay
+    assert (info.value.code, info.value.status) == ("SlowDown", 503)
+    with pytest.raises(ServiceError, match="replay"):  # the slot is shared
+        cache.check("other", b"y", expiry=100, now=1)
+    cache.check("other", b"y", expiry=101, now=1)  # expiring later: fine
+    for n in range(1, 4):
+        with pytest.raises(AuthError):
+            cache.check(f"acct{n}", b"x", expiry=100 + n, now=1)
+    cache.check_and_add("acct0", b"x", expiry=160, now=100.5)  # the spilled one has expired
+
+
+def test_a_spill_refuses_only_the_accounts_of_its_slot() -> None:
+    cache = ReplayCache(max_entries=4, spill_slots=1 << 16)
+    for n in range(4):
+        cache.check_and_add(f"acct{n}", b"x", expiry=1000, now=0)
+    cache.check_and_add("new", b"x", expiry=1000, now=0)
+    assert cache.spilled == 1
+    with pytest.raises(ServiceError, match="replay"):
+        cache.check("acct0", b"x", expiry=1000, now=1)
+    refused = 0
+    for n in range(1000):
+        try:
+            cache.check(f"someone{n}", b"x", expiry=1000, now=1)
+        except ServiceError:
+            refused += 1
+    assert refused <= 5  # 1000 / 65536 expected
+
+
+def assert_consistent(cache: ReplayCache) -> None:
+    """The cache's indexes agree with its accounts (white box)."""
+    accounts = cache._accounts
+    assert cache._npairs == sum(len(a.pairs) for a in accounts.values())
+    assert cache._nfloors == sum(a.floor is not None for a in accounts.values())
+    assert sorted(name for _, name in cache._floors) == sorted(
+        name for name, a in accounts.items() if a.floor is not None)
+    indexed = {name: w for w, names in cache._by_weight.items() for name in names}
+    assert indexed == {name: 2 * len(a.pairs) + 3 * (a.floor is not None)
+                       for name, a in accounts.items() if a.pairs or a.floor is not None}
+    assert all(a.pairs or a.floor is not None for a in accounts.values())
+    assert cache._top >= max(indexed.values(), default=0)
+
+
+@pytest.mark.parametrize("pool_size", [120, 5000])
+def test_replays_are_refused_after_heavy_churn(pool_size: int) -> None:
+    """Random accounts, bursts and expiries churn a small cache: no unexpired pair it ever
+    accepted is accepted again and the bounds hold; with fewer accounts than records, a
+    steady client is never refused; with many more, records are spilled."""
+    rng = random.Random(7)
+    cache = ReplayCache(max_entries=300, max_per_account=25)
+    pool = [f"0x{n:040x}" for n in range(pool_size)]
+    accepted: list[tuple[str, bytes, int]] = []
+    refused = 0
+    replays: Counter[str] = Counter()
+    for step in range(400):
+        now = NOW + 10 * step
+        for account in rng.sample(pool, 15):
+            for _ in range(rng.randint(1, 25)):
+                nonce, expiry = rng.randbytes(16), now + rng.randint(1, 900)
+                try:
+                    cache.check_and_add(account, nonce, expiry, now)
+                except ServiceError:
+                    refused += 1
+                else:
+                    accepted.append((account, nonce, expiry))
+        if pool_size < 300:
+            cache.check_and_add(KEY.address, step.to_bytes(16, "big"), now + 300, now)
+        accepted = [pair for pair in accepted if pair[2] >= now]
+        for account, nonce, expiry in rng.sample(accepted, min(30, len(accepted))):
+            with pytest.raises(ServiceError) as info:  # ReplayedRequest, or SlowDown if evicted
+                cache.check_and_add(account, nonce, expiry, now)
+            replays[info.value.code] += 1
+        assert len(cache) + cache.floors <= 300
+        assert all(cache.pairs_of(account) <= 25 for account in pool)
+        if step % 50 == 0:
+            assert_consistent(cache)
+    assert_consistent(cache)
+    assert cache.evicted > 10_000 and refused > 10_000
+    assert replays["ReplayedRequest"] > 100 and replays["SlowDown"] > 5000, replays
+    assert (cache.spilled > 1000) == (pool_size > 300), cache.spilled

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from node.auth import DEFAULT_REPLAY_ENTRIES, DEFAULT_REPLAY_PER_ACCOUNT
 from node.config import (
     ByteSize,
     Config,
@@ -216,3 +217,19 @@ def test_per_service_limits_parse() -> None:
     p2p = cfg.limits.services["p2p"]
     assert p2p.memory == MiB and p2p.tasks == 4
     assert p2p.fds == LimitValues().fds
+
+
+def test_gater_replay_defaults_and_bounds(tmp_path: Path) -> None:
+    """Found in review: requests could be signed to expire 7 days ahead by default, which let a
+    flood of them fill the replay cache for days. The defaults now match node.auth's and the
+    client's 300 s signatures fit well within them."""
+    gater = Config().gater
+    assert gater.max_signature_age == 900
+    assert (gater.replay_entries, gater.replay_per_account) == (
+        DEFAULT_REPLAY_ENTRIES, DEFAULT_REPLAY_PER_ACCOUNT)
+    # an account at the default rate limit signing 300 s expiries stays under its cap
+    assert gater.rate_limit * 300 + gater.rate_burst < gater.replay_per_account
+    cfg = parse_config("[gater]\nreplay_entries = 5000\nreplay_per_account = 40\n")
+    assert (cfg.gater.replay_entries, cfg.gater.replay_per_account) == (5000, 40)
+    assert "at least 1" in _error(tmp_path, "[gater]\nreplay_per_account = 0\n")
+    assert "gater.replay_entries" in _error(tmp_path, "[gater]\nreplay_entries = 1\n")

@@ -642,6 +642,51 @@ async def test_replays_cost_the_victim_no_rate_limit_tokens(fakes: StackFactory)
             assert (await s.client.call("GET", f"{API}/buckets/mybucket")).status_code == 200
 
 
+async def test_signatures_expire_within_15_minutes_by_default(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        now = int(time.time())
+        r = await s.client.call("GET", f"{API}/buckets/mybucket", expiry=now + 3600)
+        assert_error(r, 403, "ExpiryTooFar")
+        r = await s.client.call("GET", f"{API}/buckets/mybucket", expiry=now + 850)
+        assert r.status_code == 200
+
+
+async def test_a_replay_cache_flood_leaves_other_accounts_served(fakes: StackFactory) -> None:
+    """Found in review: fresh keys sending bursts that expire as late as allowed filled the
+    replay cache, which then refused every account's requests (503) until they expired."""
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(replay_entries=64, replay_per_account=4)
+        assert (s.gater.replay.max_entries, s.gater.replay.max_per_account) == (64, 4)
+        own_bucket(s)
+        codes: Counter[int] = Counter()
+        for _ in range(3):
+            for _ in range(8):
+                attacker = PrivateKey.generate()
+                for _ in range(5):
+                    r = await s.client.call("GET", f"{API}/buckets/mybucket", key=attacker,
+                                            expiry=int(time.time()) + 890)
+                    codes[r.status_code] += 1
+            r = await s.client.call("GET", f"{API}/buckets/mybucket")  # expires in 300 s
+            assert r.status_code == 200, r.text
+        assert codes[403] >= 3 * 8 * 4 and codes[503] > 0  # not the owner; over their cap
+        assert s.gater.replay.evicted > 0
+
+
+async def test_an_account_over_its_replay_cap_is_503_alone(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(replay_per_account=2)
+        own_bucket(s)
+        own_bucket(s, "theirs", owner=s.other)
+        for _ in range(2):
+            assert (await s.client.call("GET", f"{API}/buckets/mybucket")).status_code == 200
+        r = await s.client.call("GET", f"{API}/buckets/mybucket")
+        assert_error(r, 503, "SlowDown")
+        assert 250 <= int(r.headers["retry-after"]) <= 302  # when its first request expires
+        assert (await s.other.call("GET", f"{API}/buckets/theirs")).status_code == 200
+
+
 async def test_limiter_full_is_503(fakes: StackFactory) -> None:
     with trio.fail_after(TIMEOUT):
         s = await fakes()
@@ -932,7 +977,7 @@ async def _create_bucket(s: Stack, name: str) -> None:
         primary_sp=s.sp.address, approval=approval)))
 
 
-async def _create_object(s: Stack, bucket: str, name: str) -> None:
+async def _create_object(s: Stack, bucket: str, name: str) -> int:
     chain = s.ctx.chain
     assert chain is not None
     params = await chain.params()
@@ -943,10 +988,11 @@ async def _create_object(s: Stack, bucket: str, name: str) -> None:
     assert r.status_code == 200, r.text
     approval = unpack(bytes.fromhex(r.json()["approval"]))
     key = s.client.key
-    await chain.broadcast(chain_msgs.sign(key, chain_msgs.create_object_tx(
+    result = await chain.broadcast(chain_msgs.sign(key, chain_msgs.create_object_tx(
         pubkey=key.public_key, seq=await chain.account_seq(key.address), bucket=bucket,
         object=name, size=5, content_type="text/plain",
         checksums=[bytes.fromhex(c) for c in sums], approval=approval)))
+    return int(result["object_id"])
 
 
 async def test_real_modulars_end_to_end(real: StackFactory) -> None:
@@ -984,6 +1030,24 @@ async def test_real_modulars_end_to_end(real: StackFactory) -> None:
         r = await s.client.call("POST", f"{API}/approvals/create-bucket",
                                 json_body={"bucket": "realbucket"})
         assert_error(r, 409, "BucketAlreadyExists")
+
+
+async def test_challenges_are_for_the_owner_and_sps_in_service(real: StackFactory) -> None:
+    """Found in review: any account could challenge any object (ids are sequential) and get
+    the primary's raw segment with index -1, bypassing GET's owner check and accounting."""
+    with trio.fail_after(TIMEOUT):
+        s = await real()
+        await _create_bucket(s, "chbucket")
+        oid = await _create_object(s, "chbucket", "obj")
+        path = f"{API}/challenge/{oid}/0/-1"
+        r = await s.other.call("GET", path)  # a stranger: refused before anything is read
+        err = assert_error(r, 403, "AccessDenied")
+        assert "chbucket" not in err["Message"] and "obj" not in err["Message"]
+        # the owner and a registered SP (this one's operator) get past the authorizer; the
+        # object is not sealed yet
+        assert_error(await s.client.call("GET", path), 409, "InvalidObjectState")
+        r = await s.client.call("GET", path, key=s.ctx.keys.operator)
+        assert_error(r, 409, "InvalidObjectState")
 
 
 # --- the schema-driven fuzz run --------------------------------------------------------------

@@ -43,8 +43,9 @@ from modulars.authorizer import AuthOpType
 from modulars.gater import schemas
 from modulars.gater.body import BodyStream, check_declared_length, check_head_size
 from modulars.gater.errors import ErrorMiddleware, raise_http_exception, request_id_of
-from node.auth import AuthError, VerifiedRequest, parse_query, verify_request
+from node.auth import AuthError, ReplayCache, VerifiedRequest, parse_query, verify_request
 from node.chain import ChainError
+from node.config import GaterSection
 from node.crypto import pack
 from node.errors import AccessDenied, ServiceError
 from node.tasks import CreateBucketApprovalTask, CreateObjectApprovalTask, ObjectInfo
@@ -348,7 +349,13 @@ def _endpoint(gater: Gater, spec: RouteSpec) -> Callable[[Request], Awaitable[Re
 
 
 def authenticate(gater: Gater, request: Request, spec: RouteSpec) -> VerifiedRequest:
-    """Verify the signature, refuse a replay, take a rate-limit token, record the nonce."""
+    """Verify the signature, refuse a replay, take a rate-limit token, record the nonce.
+
+    The replay cache refuses an account's request (503 SlowDown) when that account has too
+    many unexpired requests, or when its own evicted ones could not be told from this one;
+    a flood from a few accounts never gets others' requests refused (see
+    :class:`~node.auth.ReplayCache`).
+    """
     scope = request.scope
     raw_path = (scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1")
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
@@ -366,6 +373,12 @@ def authenticate(gater: Gater, request: Request, spec: RouteSpec) -> VerifiedReq
     gater.rate.take(verified.account)
     gater.replay.check_and_add(verified.account, verified.nonce, verified.expiry, now)
     return verified
+
+
+def replay_cache(cfg: GaterSection) -> ReplayCache:
+    """The gater's replay cache, bounded by its config."""
+    return ReplayCache(max_entries=int(cfg.replay_entries),
+                       max_per_account=int(cfg.replay_per_account))
 
 
 def build_app(gater: Gater, routes: tuple[RouteSpec, ...] = ROUTES) -> Starlette:

@@ -35,11 +35,10 @@ import hypercorn.trio
 import hypercorn.trio.tcp_server
 import trio
 
-from modulars.gater.app import ROUTES, BodyKind, RouteSpec, build_app
+from modulars.gater.app import ROUTES, BodyKind, RouteSpec, build_app, replay_cache
 from modulars.gater.data import DATA_ROUTES
 from modulars.gater.openapi import openapi_document
 from modulars.gater.ratelimit import RateLimiter
-from node.auth import ReplayCache
 from node.errors import ListenFailed
 from node.modular import ModularBase, NodeContext
 
@@ -65,7 +64,7 @@ class Gater(ModularBase):
         self.cfg = ctx.config.gater
         self.routes = routes
         self.endpoint: str | None = None
-        self.replay = ReplayCache()
+        self.replay = replay_cache(self.cfg)
         self.rate = RateLimiter(self.cfg.rate_limit, self.cfg.rate_burst, clock=ctx.clock)
         #: Unix seconds for signature expiries; tests may replace it.
         self.wall_clock: Callable[[], float] = time.time
