@@ -9,10 +9,14 @@ empty, the bucket exists (:class:`NoSuchBucket`), the account owns it (:class:`A
 this SP is its primary (:class:`AccessDenied`, "not the primary SP"), then the object checks
 (:class:`NoSuchKey`, ``ObjectAlreadyExists`` 409, :class:`InvalidObjectState` 409). Ownership
 and primary are checked before the object, so a stranger learns nothing about a bucket's
-objects. CHALLENGE_PIECE is the exception: any account may challenge a sealed object that this
-SP stores as primary or as one of its secondaries.
+objects. CHALLENGE_PIECE has its own rule, as a challenge answers with a raw piece (a whole
+segment from the primary) outside GET's accounting: the account must own the bucket or be the
+operator of an SP registered on the chain and in service (the primary's degraded reads and the
+SPs' challenges are signed with their operator keys), otherwise :class:`AccessDenied`; then the
+object must be sealed and stored here, as primary or as one of its secondaries.
 
-Chain lookups (a bucket by name, an object by bucket and name) are cached per instance for
+Chain lookups (a bucket by name, an object by bucket and name, an SP by operator: from
+``ctx.sp_registry`` when there is one) are cached per instance for
 ``authorizer.cache_ttl`` seconds of ``ctx.clock``; concurrent lookups of the same key share one
 request to the chain. A refusal is never based on a cached answer alone: when a check fails on
 data fetched before the call began, the data is fetched again and the checks rerun (so a bucket
@@ -40,6 +44,7 @@ from node.errors import (
     ServiceUnavailable,
 )
 from node.modular import ModularBase, NodeContext
+from node.spregistry import SPInfo
 
 __all__ = ["AuthOpType", "Authorizer"]
 
@@ -148,6 +153,11 @@ class Authorizer(ModularBase):
             raise NoSuchBucket(bucket)
         me = self.ctx.modulars.signer.operator_address
         if op is AuthOpType.CHALLENGE_PIECE:
+            if not _same(b.owner, account):
+                sp = await self._sp(call, account)
+                if sp is None or not sp.in_service:
+                    raise AccessDenied(f"account {account} may not challenge pieces: only the "
+                                       "bucket owner and SPs in service may")
             obj = await self._sealed_object(call, bucket, object)
             if not (_same(b.primary_sp, me) or any(_same(s, me) for s in obj.secondaries)):
                 raise AccessDenied(f"this SP ({me}) stores no piece of object "
@@ -200,6 +210,20 @@ class Authorizer(ModularBase):
         value: ChainObject | None = await self._lookup(
             call, ("object", bucket, object), lambda: chain.get_object(bucket, object),
             f"get object {bucket!r}/{object!r}")
+        return value
+
+    async def _sp(self, call: _Call, operator: str) -> SPInfo | None:
+        registry = self.ctx.sp_registry
+        if registry is not None:
+            def fetch() -> Awaitable[SPInfo | None]:
+                return registry.sp_by_operator(operator)
+        else:
+            chain = require_chain(self.ctx)
+
+            def fetch() -> Awaitable[SPInfo | None]:
+                return chain.get_sp(operator)
+        value: SPInfo | None = await self._lookup(call, ("sp", operator), fetch,
+                                                  f"get SP {operator}")
         return value
 
     async def _lookup(self, call: _Call, key: Hashable, fetch: Callable[[], Awaitable[Any]],

@@ -76,6 +76,7 @@ class Template:
     sps: list[TestSP]
     user: Account
     stranger: Account
+    paused: TestSP  # registered, then IN_MAINTENANCE
 
     @property
     def us(self) -> TestSP:
@@ -89,13 +90,17 @@ class Template:
 async def _build_template(directory: Path) -> Template:
     sps = [TestSP.create(i) for i in range(2 + PARAMS.total_shards)]
     us, other, pool = sps[US], sps[OTHER], sps[2:]
-    tpl = Template(directory, sps, Account(PrivateKey.generate()), Account(PrivateKey.generate()))
+    tpl = Template(directory, sps, Account(PrivateKey.generate()), Account(PrivateKey.generate()),
+                   TestSP.create(len(sps)))
     chain = DevChain(directory, block_interval=BLOCK, params=PARAMS)
     async with trio.open_nursery() as nursery:
         endpoint = await nursery.start(chain.serve)
         async with DevChainClient(endpoint) as client:
-            for sp in sps:
+            for sp in [*sps, tpl.paused]:
                 await client.broadcast(sp.register_tx())
+            paused = tpl.paused.operator
+            await client.broadcast(msgs.sign(paused.key, msgs.set_sp_status_tx(
+                pubkey=paused.pubkey, seq=paused.take_seq(), status="IN_MAINTENANCE")))
             # "ours": this SP is the primary; "theirs": the other SP is.
             await create_bucket(client, tpl.user, us, "ours")
             await create_bucket(client, tpl.user, other, "theirs")
@@ -130,6 +135,7 @@ class World(ChainWorld):
 
     def account(self, who: str) -> str:
         return {"user": self.tpl.user.address, "stranger": self.tpl.stranger.address,
+                "sp": self.tpl.other.address, "paused": self.tpl.paused.address,
                 "anonymous": ""}[who]
 
 
@@ -166,6 +172,12 @@ SITUATIONS: dict[str, tuple[str, str, str]] = {
     "not-owner-we-are-secondary": ("stranger", "theirs", "sealed-us"),
     "not-owner-not-secondary": ("stranger", "theirs", "sealed-not-us"),
     "anonymous": ("anonymous", "ours", "sealed"),
+    # "sp" is the other SP's operator (registered, in service), "paused" one in maintenance
+    "sp-sealed": ("sp", "ours", "sealed"),
+    "sp-created": ("sp", "ours", "created"),
+    "sp-primary-we-are-secondary": ("sp", "theirs", "sealed-us"),
+    "sp-primary-not-secondary": ("sp", "theirs", "sealed-not-us"),
+    "sp-not-in-service": ("paused", "ours", "sealed"),
 }
 
 OK = None
@@ -191,7 +203,9 @@ _BUCKET_LEVEL = _row(bucket_missing=NO_BUCKET, not_owner_created=DENIED,
                      other_primary_we_are_secondary=NOT_PRIMARY,
                      other_primary_not_secondary=NOT_PRIMARY,
                      not_owner_we_are_secondary=DENIED, not_owner_not_secondary=DENIED,
-                     anonymous=DENIED)
+                     anonymous=DENIED, sp_sealed=DENIED, sp_created=DENIED,
+                     sp_primary_we_are_secondary=DENIED, sp_primary_not_secondary=DENIED,
+                     sp_not_in_service=DENIED)
 
 TABLE: dict[AuthOpType, dict[str, Expect]] = {
     AuthOpType.UNKNOWN: dict.fromkeys(SITUATIONS, DENIED),
@@ -209,13 +223,17 @@ TABLE: dict[AuthOpType, dict[str, Expect]] = {
         **_BUCKET_LEVEL, **_row(object_missing=OK, created=OK, sealed=OK)},
     AuthOpType.LIST_BUCKET_READ_RECORD: {
         **_BUCKET_LEVEL, **_row(object_missing=OK, created=OK, sealed=OK)},
-    # Any authenticated account may challenge a sealed object we hold a piece of.
+    # The bucket owner and SPs in service may challenge a sealed object we hold a piece of.
+    # Found in review: any account could, and so read any object (a challenge of index -1
+    # answers the primary's whole segment) without GET's owner check nor its accounting.
     AuthOpType.CHALLENGE_PIECE: _row(
         bucket_missing=NO_BUCKET, object_missing=NO_KEY, created=STATE, sealed=OK,
-        not_owner_created=STATE, not_owner_sealed=OK, other_primary_created=STATE,
+        not_owner_created=DENIED, not_owner_sealed=DENIED, other_primary_created=STATE,
         other_primary_object_missing=NO_KEY, other_primary_we_are_secondary=OK,
-        other_primary_not_secondary=DENIED, not_owner_we_are_secondary=OK,
-        not_owner_not_secondary=DENIED, anonymous=DENIED),
+        other_primary_not_secondary=DENIED, not_owner_we_are_secondary=DENIED,
+        not_owner_not_secondary=DENIED, anonymous=DENIED, sp_sealed=OK, sp_created=STATE,
+        sp_primary_we_are_secondary=OK, sp_primary_not_secondary=DENIED,
+        sp_not_in_service=DENIED),
 }
 
 CASES = [pytest.param(op, situation, expected, id=f"{op.name}-{situation}")
@@ -278,7 +296,7 @@ async def test_cache_serves_a_burst_from_one_lookup(world: World, nursery: trio.
         # other ops on the same bucket/object reuse the same answers
         assert await world.verify(AuthOpType.GET_UPLOADING_STATE, "user", "ours", "sealed")
         assert await world.verify(AuthOpType.GET_BUCKET_QUOTA, "user", "ours")
-        assert await world.verify(AuthOpType.CHALLENGE_PIECE, "stranger", "ours", "sealed")
+        assert await world.verify(AuthOpType.CHALLENGE_PIECE, "user", "ours", "sealed")
         assert world.chain.calls == Counter(get_bucket=1, get_object=1)
         # the cache belongs to one instance: another authorizer asks the chain itself
         ctx2 = dataclasses.replace(world.ctx, modulars=Modulars())
@@ -287,6 +305,34 @@ async def test_cache_serves_a_burst_from_one_lookup(world: World, nursery: trio.
         assert await other.verify_authorize(AuthOpType.GET_OBJECT, world.tpl.user.address,
                                             "ours", "sealed")
         assert world.chain.calls == Counter(get_bucket=2, get_object=2)
+
+
+async def test_challenge_sp_lookups_are_cached_like_the_rest(world: World) -> None:
+    world.set_ttl(600)
+    with trio.fail_after(TIMEOUT):
+        for _ in range(5):
+            assert await world.verify(AuthOpType.CHALLENGE_PIECE, "sp", "ours", "sealed")
+        assert world.chain.calls["get_sp"] == 1
+        # the owner needs no SP lookup; a stranger's refusal costs one each time
+        assert await world.verify(AuthOpType.CHALLENGE_PIECE, "user", "ours", "sealed")
+        for _ in range(2):
+            with pytest.raises(ServiceError) as info:
+                await world.verify(AuthOpType.CHALLENGE_PIECE, "stranger", "ours", "sealed")
+            assert (info.value.code, info.value.status) == DENIED
+        assert world.chain.calls["get_sp"] == 3
+
+
+async def test_an_sp_leaving_service_may_no_longer_challenge(world: World) -> None:
+    world.set_ttl(0)
+    other = world.tpl.other
+    with trio.fail_after(TIMEOUT):
+        assert await world.verify(AuthOpType.CHALLENGE_PIECE, "sp", "theirs", "sealed-us")
+        await world.client.broadcast(msgs.sign(other.keys.operator, msgs.set_sp_status_tx(
+            pubkey=other.operator.pubkey, seq=await world.client.account_seq(other.address),
+            status="JAILED")))
+        with pytest.raises(ServiceError) as info:
+            await world.verify(AuthOpType.CHALLENGE_PIECE, "sp", "theirs", "sealed-us")
+    assert (info.value.code, info.value.status) == DENIED
 
 
 async def test_concurrent_burst_shares_one_lookup(world: World) -> None:
