@@ -91,6 +91,7 @@ class Receiver(ModularBase):
         super().__init__(ctx)
         self._tasks: dict[str, ReceivePieceTask] = {}
         self._gates: dict[tuple[int, int], _IndexGate] = {}
+        self._receiving = 0  # pieces being received (piece_buffer held)
         self._chain_cache: dict[int, tuple[float, ChainObject, ChainBucket]] = {}
 
     def query_tasks(self, prefix: str = "") -> list[Task]:
@@ -169,13 +170,20 @@ class Receiver(ModularBase):
     @contextlib.contextmanager
     def piece_buffer(self, size: int) -> Iterator[memoryview]:
         """A buffer for one piece's body (the piece store's, page-aligned: put without a
-        copy), its memory reserved under ``receiver`` (503 SlowDown when over the limit)."""
+        copy), its memory reserved under ``receiver``; 503 SlowDown when over the limit or
+        when ``receiver.max_concurrent`` pieces are being received already."""
+        if self._receiving >= self.ctx.config.receiver.max_concurrent:
+            raise ServiceUnavailable(f"busy: {self._receiving} pieces being received", 1.0)
         try:
             span = self.ctx.limiter.span(self.name, memory=size)
         except ResourceLimitExceeded as exc:
             raise ServiceUnavailable(f"busy: {exc}", 1.0) from None
-        with span, self.store.buffer(size) as buf:
-            yield buf
+        self._receiving += 1
+        try:
+            with span, self.store.buffer(size) as buf:
+                yield buf
+        finally:
+            self._receiving -= 1
 
     @contextlib.contextmanager
     def _gate(self, object_id: int, index: int) -> Iterator[_IndexGate]:

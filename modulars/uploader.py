@@ -29,6 +29,7 @@ from node.ec import integrity_hash, sha256
 from node.errors import (
     InvalidObjectState,
     NoSuchKey,
+    RequestTimeout,
     ResourceLimitExceeded,
     ServiceError,
     ServiceUnavailable,
@@ -126,15 +127,21 @@ class Uploader(ModularBase):
                 size = min(seg_size, max(obj.size, 1))
                 slots = _Slots(SEGMENTS_IN_FLIGHT,
                                lambda: buffers.enter_context(self.store.buffer(size)))
+                timeout = float(self.cfg.upload_timeout)
                 try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._writer, task, receive, hashes, slots)
-                        async with send:
-                            total = await self._cut(stream, seg_size, obj.size, send, slots)
+                    with trio.move_on_after(timeout) as deadline:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._writer, task, receive, hashes, slots)
+                            async with send:
+                                total = await self._cut(stream, seg_size, obj.size, send,
+                                                        slots)
                 except BaseExceptionGroup as group:
                     raise unwrap(group) from None
                 finally:
                     slots.drop()
+                if deadline.cancelled_caught:
+                    raise RequestTimeout(f"the upload took longer than uploader.upload_timeout"
+                                         f" ({timeout:g} s)")
             if total != obj.size:
                 raise IncompleteUpload(f"got {total} bytes, the object has {obj.size}")
             integrity = integrity_hash(hashes)

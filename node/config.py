@@ -142,10 +142,11 @@ class P2PSection:
     exchange_sample: int = _f(4, "Peers listed in a pong to an already trusted peer (a "
                                  "new or returning one gets every trusted peer, up to 64).",
                               lo=0, hi=64)
-    max_ping_frame: ByteSize = _f(ByteSize(64 * KiB), "Largest ping/pong frame.",
-                                  lo=1 * KiB, hi=16 * MiB)
-    max_approval_frame: ByteSize = _f(ByteSize(256 * KiB), "Largest approval frame.",
-                                      lo=1 * KiB, hi=16 * MiB)
+    max_ping_frame: ByteSize = _f(ByteSize(64 * KiB), "Largest ping/pong frame (PROTOCOL.md: "
+                                  "64 KiB; less only).", lo=1 * KiB, hi=64 * KiB)
+    max_approval_frame: ByteSize = _f(ByteSize(256 * KiB), "Largest approval frame "
+                                      "(PROTOCOL.md: 256 KiB; less only).",
+                                      lo=1 * KiB, hi=256 * KiB)
     approval_timeout: Seconds = _f(Seconds(5.0), "Default quorum timeout for approvals.",
                                    lo=0.01, hi=600)
     approval_backups: int = _f(2, "Approvals asked beyond data+parity, kept as backups.",
@@ -177,6 +178,8 @@ class GaterSection:
                                  lo=1, hi=100_000_000)
     drain_timeout: Seconds = _f(Seconds(10.0), "Seconds to finish requests on shutdown.",
                                 lo=0, hi=3600)
+    body_idle_timeout: Seconds = _f(Seconds(60.0), "Seconds a streamed request body may send "
+                                    "nothing (past it: 400 RequestTimeout).", lo=0.01, hi=3600)
     recv_bytes: ByteSize = _f(ByteSize(512 * KiB), "Most bytes read from a connection at once "
                               "(keep under 1 MiB, the mmap threshold of node/malloc.py).",
                               lo=4 * KiB, hi=1 * MiB)
@@ -250,7 +253,8 @@ class AuthorizerSection:
 @dataclass(frozen=True)
 class UploaderSection:
     max_concurrent: int = _f(64, "Uploads in flight at once.", lo=1)
-    upload_timeout: Seconds = _f(Seconds(3600.0), "Deadline for one upload.", lo=1)
+    upload_timeout: Seconds = _f(Seconds(3600.0), "Deadline for one upload's body (past "
+                                 "it: 400 RequestTimeout, nothing kept).", lo=1)
 
 
 @dataclass(frozen=True)
@@ -265,7 +269,9 @@ class DownloaderSection:
 @dataclass(frozen=True)
 class ManagerSection:
     task_timeout: Seconds = _f(Seconds(300.0), "Default seconds before a task is retried.", lo=1)
-    max_retry: int = _f(3, "Default retries before a task is marked failed.", lo=0, hi=1000)
+    max_retry: int = _f(10, "Default retries before a task is marked failed (each after a "
+                            "backoff of 2, 4, 8, ... s, at most the task's timeout: 10 span "
+                            "about 18 minutes with the default timeout).", lo=0, hi=1000)
     gc_interval: Seconds = _f(Seconds(60.0), "Seconds between GC scans.", lo=0.1)
     meta_retention: Seconds = _f(Seconds(7 * 86400.0), "Seconds done tasks and records stay.",
                                  lo=0)

@@ -129,6 +129,13 @@ class ServiceUnavailable(ServiceError):
         self.retry_after = retry_after
 
 
+class RequestTimeout(ServiceError):
+    """A request body that came too slowly (S3's RequestTimeout, 400): nothing of it kept."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("RequestTimeout", message, 400)
+
+
 def unwrap(group: BaseExceptionGroup) -> BaseException:
     """The exception a (nested) nursery group stands for: its first GfspError, else its first
     leaf that is not a cancellation, else the group itself."""

@@ -162,8 +162,8 @@ def test_parse_bytes_refuses(bad: str) -> None:
 
 
 def test_byte_size_range_applies_after_units(tmp_path: Path) -> None:
-    msg = _error(tmp_path, "[p2p]\nmax_ping_frame = \"17MiB\"\n")
-    assert "p2p.max_ping_frame" in msg and "17MiB" in msg and "at most" in msg
+    msg = _error(tmp_path, "[p2p]\nmax_ping_frame = \"65KiB\"\n")
+    assert "p2p.max_ping_frame" in msg and "65KiB" in msg and "at most" in msg
 
 
 def test_seconds_accept_int_and_float() -> None:

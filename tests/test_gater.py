@@ -734,6 +734,34 @@ async def test_body_stream_checks_the_hash_before_it_ends() -> None:
     assert await unsigned.read() == b"x"
 
 
+async def _trickle(gaps: list[float]) -> AsyncIterator[bytes]:
+    for gap in gaps:
+        await trio.sleep(gap)  # virtual time (autojump_clock): the client under test
+        yield b"x"
+
+
+@pytest.mark.parametrize("read", ["iterate", "into"])
+async def test_a_body_that_stalls_is_a_request_timeout(autojump_clock: Any, read: str) -> None:
+    """No chunk for ``idle_timeout`` seconds: 400 RequestTimeout, at that time (found in
+    review: a client sending nothing held its upload slot, buffers and lease for good)."""
+    slow = BodyStream(_trickle([59.0, 59.0, 61.0]), limit=10, expected_sha256=None,
+                      idle_timeout=60.0)
+    t0 = trio.current_time()
+    got: list[bytes] = []
+    with pytest.raises(ServiceError) as e:
+        if read == "iterate":
+            async for chunk in slow:
+                got.append(chunk)
+        else:
+            await slow.read_into_unverified(memoryview(bytearray(10)))
+    assert (e.value.code, e.value.status) == ("RequestTimeout", 400)
+    assert trio.current_time() - t0 == pytest.approx(59 + 59 + 60)
+    assert got == ([b"x", b"x"] if read == "iterate" else [])
+    steady = BodyStream(_trickle([59.0] * 3), limit=10, expected_sha256=None,
+                        idle_timeout=60.0)
+    assert await steady.read() == b"xxx"
+
+
 @pytest.fixture
 def keep_receive_size() -> Iterator[None]:
     """Gater.serve sets hypercorn's process-wide receive size: put the old one back."""

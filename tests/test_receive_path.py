@@ -4,6 +4,7 @@ receiver's own; a refused piece leaves no file and no checksum row, an accepted 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -18,6 +19,7 @@ import trio
 from modulars.executor import APPROVAL_HEADER, replicate_path
 from node.crypto import PrivateKey
 from node.ec import Codec, object_checksums, split
+from node.errors import ServiceUnavailable
 from node.tasks import ReplicatePieceApprovalTask, StorageParams
 from p2p.messages import encode
 from testnet.client import GfspClient, parse_error
@@ -179,6 +181,16 @@ async def test_replicate_piece_checks_then_stores(tmp_path: Path, nursery: trio.
         assert await store.get(f"{obj.id}_s0_p0") == pieces[0][0]
         assert piece_rows(db_path, obj.id)[0] == (0, 0, hashlib.sha256(pieces[0][0]).digest())
         assert target_node.node.ctx.limiter.used("receiver").memory == 0  # type: ignore[union-attr]
+        # receiver.max_concurrent pieces at once, the next one 503 (found in review: the
+        # key was documented and not enforced)
+        most = target_node.node.ctx.config.receiver.max_concurrent  # type: ignore[union-attr]
+        with contextlib.ExitStack() as held:
+            for _ in range(most):
+                held.enter_context(receiver.piece_buffer(4096))
+            with pytest.raises(ServiceUnavailable), receiver.piece_buffer(4096):
+                pass
+        with receiver.piece_buffer(4096):
+            pass
         for node in nodes:
             await node.stop()
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from modulars.uploader import BadDigest, IncompleteUpload, Uploader
 from node.app import build_limiter
@@ -20,7 +21,7 @@ from node.config import Config, LimitsSection, LimitValues
 from node.crypto import unpack
 from node.db import open_spdb
 from node.ec import object_checksums, split
-from node.errors import DBError, ServiceUnavailable
+from node.errors import DBError, ServiceError, ServiceUnavailable
 from node.modular import NodeContext
 from node.piecestore import LocalPieceStore, PieceStoreError, segment_key
 from node.tasks import ObjectInfo, StorageParams, UploadObjectTask
@@ -206,6 +207,45 @@ async def test_a_failed_progress_or_integrity_write_cleans_up(tmp_path: Path,
         assert state == "FAILED"
         assert up.ctx.limiter.used("uploader").memory == 0
         assert up.query_tasks() == []
+
+
+@pytest.fixture
+def lazy_autojump() -> trio.testing.MockClock:
+    """Virtual time that jumps once the run has been idle for 1 ms of real time: with
+    pytest-trio's ``autojump_clock`` (0 ms) the loop spins while a worker thread (SPDB's,
+    the store's) runs."""
+    return trio.testing.MockClock(autojump_threshold=0.001)
+
+
+async def test_an_upload_past_its_timeout_is_a_request_timeout(
+        tmp_path: Path, lazy_autojump: trio.testing.MockClock) -> None:
+    """uploader.upload_timeout bounds the whole body (found in review: the key existed but
+    nothing enforced it, so a client trickling its body held the upload for good)."""
+    from node.config import UploaderSection
+
+    cfg = dataclasses.replace(Config(), uploader=UploaderSection(upload_timeout=100.0))
+    data = os.urandom(50)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 10):
+            await trio.sleep(30.0)  # virtual time: the slow client under test
+            yield data[i:i + 10]
+
+    async with uploader(tmp_path, cfg) as up:
+        task = task_for(data)
+        await up.pre_upload_object(task)
+        t0 = trio.current_time()
+        try:
+            with pytest.raises(ServiceError) as e:
+                await up.handle_upload_object_task(task, trickle())
+        finally:
+            up.post_upload_object(task)
+        assert (e.value.code, e.value.status) == ("RequestTimeout", 400)
+        assert trio.current_time() - t0 == pytest.approx(100.0)
+        assert await up.store.keys(7) == []
+        state, *_ = await progress(up, 7)
+        assert state == "FAILED"
+        assert up.ctx.limiter.used("uploader").memory == 0
 
 
 async def test_segments_reuse_two_buffers(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import trio
 from starlette.requests import ClientDisconnect
 
 from node.auth import AuthError
-from node.errors import ServiceError
+from node.errors import RequestTimeout, ServiceError
 
 #: After a chunked body went over its limit, read and drop at most this much more (within
 #: :data:`DRAIN_SECONDS`) so that the 413 reaches a client still sending.
@@ -38,6 +38,21 @@ class EntityTooLarge(ServiceError):
 class IncompleteBody(ServiceError):
     def __init__(self) -> None:
         super().__init__("IncompleteBody", "the client disconnected before the body ended", 400)
+
+
+async def idle_limited(chunks: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
+    """``chunks``, or :class:`RequestTimeout` once none came for ``idle`` seconds (a client
+    that trickles or stalls its body holds no slot, buffer or lease for long)."""
+    iterator = aiter(chunks)
+    while True:
+        with trio.move_on_after(idle) as wait:
+            try:
+                chunk = await anext(iterator)
+            except StopAsyncIteration:
+                return
+        if wait.cancelled_caught:
+            raise RequestTimeout(f"the request body sent nothing for {idle:g} s")
+        yield chunk
 
 
 class HeaderTooLarge(ServiceError):
@@ -76,15 +91,16 @@ def check_declared_length(headers: Mapping[str, str], limit: int) -> None:
 
 
 class BodyStream:
-    """Iterate a request body (once) under ``limit`` bytes, checking ``expected_sha256``.
+    """Iterate a request body (once) under ``limit`` bytes, checking ``expected_sha256``;
+    with ``idle_timeout``, :class:`RequestTimeout` once no chunk came for that long.
 
     ``expected_sha256`` None means the payload was not signed (UNSIGNED-PAYLOAD): only the
     size is checked.
     """
 
     def __init__(self, chunks: AsyncIterator[bytes], *, limit: int,
-                 expected_sha256: str | None) -> None:
-        self._chunks = chunks
+                 expected_sha256: str | None, idle_timeout: float | None = None) -> None:
+        self._chunks = chunks if idle_timeout is None else idle_limited(chunks, idle_timeout)
         self.limit = limit
         self.expected_sha256 = expected_sha256
         self.received = 0
