@@ -209,16 +209,8 @@ async def test_a_failed_progress_or_integrity_write_cleans_up(tmp_path: Path,
         assert up.query_tasks() == []
 
 
-@pytest.fixture
-def lazy_autojump() -> trio.testing.MockClock:
-    """Virtual time that jumps once the run has been idle for 1 ms of real time: with
-    pytest-trio's ``autojump_clock`` (0 ms) the loop spins while a worker thread (SPDB's,
-    the store's) runs."""
-    return trio.testing.MockClock(autojump_threshold=0.001)
-
-
 async def test_an_upload_past_its_timeout_is_a_request_timeout(
-        tmp_path: Path, lazy_autojump: trio.testing.MockClock) -> None:
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """uploader.upload_timeout bounds the whole body (found in review: the key existed but
     nothing enforced it, so a client trickling its body held the upload for good)."""
     from node.config import UploaderSection
