@@ -34,7 +34,7 @@ import hashlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -396,9 +396,23 @@ class TaskExecutor(ModularBase):
         headers = self.ctx.modulars.signer.sign_http_request(
             "PUT", url, body_sha256=digest, headers={APPROVAL_HEADER: encode(approval).hex()})
         headers["content-length"] = str(len(piece))
-        response = await self.http.put(url, content=_chunks(piece), headers=headers)
+        with self._secondary_deadline(approval, f"piece {segment} of index {index}"):
+            response = await self.http.put(url, content=_chunks(piece), headers=headers)
         if response.status_code != 200:
             raise ReplicateError(f"HTTP {response.status_code}: {response.text[:200]}")
+
+    @contextlib.contextmanager
+    def _secondary_deadline(self, approval: ApprovalResponse, what: str) -> Iterator[None]:
+        """``executor.secondary_timeout`` for one request to a secondary (httpx's timeouts
+        are per read and write: a secondary trickling its answer could hold the replication
+        until its lease ends); past it, that secondary's :class:`ReplicateError`."""
+        timeout = float(self.cfg.secondary_timeout)
+        try:
+            with trio.fail_after(timeout):
+                yield
+        except trio.TooSlowError:
+            raise ReplicateError(f"{approval.approver}: {what} took longer than "
+                                 f"{timeout:g} s") from None
 
     async def _switch(self, targets: list[ApprovalResponse], backups: list[ApprovalResponse],
                       index: int, codec: _ObjectCodec, object_id: int, upto: int) -> None:
@@ -429,7 +443,8 @@ class TaskExecutor(ModularBase):
         headers = self.ctx.modulars.signer.sign_http_request(
             "POST", url, body_sha256=hashlib.sha256(b"").hexdigest(),
             headers={APPROVAL_HEADER: encode(approval).hex()})
-        response = await self.http.post(url, content=b"", headers=headers)
+        with self._secondary_deadline(approval, f"done of index {index}"):
+            response = await self.http.post(url, content=b"", headers=headers)
         if response.status_code != 200:
             raise ReplicateError(f"done: HTTP {response.status_code}: {response.text[:200]}")
         try:

@@ -283,6 +283,9 @@ class ExecutorSection:
     ask_interval: Seconds = _f(Seconds(0.5), "Seconds between asks when idle.", lo=0.01)
     seal_confirm_timeout: Seconds = _f(Seconds(120.0), "Seconds a secondary waits for a seal.",
                                        lo=1)
+    secondary_timeout: Seconds = _f(Seconds(120.0), "Deadline for sending one piece to a "
+                                    "secondary, or for its \"done\" (past it: that "
+                                    "secondary fails over to a backup).", lo=0.1)
     unsealed_piece_ttl: Seconds = _f(Seconds(86400.0), "Seconds after which the zombie GC "
                                      "collects pieces held of an object still not sealed "
                                      "(no \"done\" came: a replication that never finished).",

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from modulars.executor import ReplicateError, SealTooLate, TaskExecutor
 from node.app import build_limiter
@@ -189,6 +190,32 @@ async def test_a_failing_secondary_moves_to_a_backup(tmp_path: Path) -> None:
         assert task.secondaries[2] == f"sp{N}"
         assert ex.ctx.limiter.used("executor").memory == 0
         assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
+async def test_a_secondary_that_never_answers_moves_to_a_backup(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """executor.secondary_timeout bounds each request to a secondary (found in review:
+    httpx's timeouts are per read, so a secondary trickling its answer held the replication
+    until the task's lease ended)."""
+    data = os.urandom(4 * SEG)
+    async with executor(tmp_path, data, backups=1) as (ex, http, task):
+        real_put = http.put
+
+        async def stuck(url: str, **kw: Any) -> Response:
+            if url.startswith("http://sp3/") and url.endswith("/1"):
+                await trio.sleep_forever()
+            return await real_put(url, **kw)
+
+        http.put = stuck  # type: ignore[method-assign]
+        t0 = trio.current_time()
+        await ex.handle_replicate_piece_task(task)
+        assert trio.current_time() - t0 == pytest.approx(ex.cfg.secondary_timeout, abs=1)
+        assert task.secondaries[3] == f"sp{N}"
+        want = expected(data)
+        assert {(i, s) for (h, i, s) in http.got if h == f"sp{N}"} == {(3, s) for s in range(4)}
+        for (_host, index, segment), piece in http.got.items():
+            assert piece == want[segment][index]
+        assert ex.ctx.limiter.used("executor").memory == 0
 
 
 async def test_a_failure_mid_pipeline_releases_everything(tmp_path: Path) -> None:
