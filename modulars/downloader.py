@@ -154,6 +154,7 @@ class RangeNotSatisfiable(ServiceError):
     def __init__(self, message: str, size: int) -> None:
         super().__init__("InvalidRange", message, 416)
         self.size = size
+        self.headers = {"content-range": f"bytes */{size}"}  # RFC 9110 15.5.17
 
 
 class PieceFetchError(GfspError):

@@ -210,6 +210,7 @@ def test_parse_range_unsatisfiable(header: str, size: int) -> None:
         parse_range(header, size)
     expect(info, "InvalidRange", 416)  # type: ignore[arg-type]
     assert info.value.size == size
+    assert info.value.headers == {"content-range": f"bytes */{size}"}
 
 
 # --- the challenge wire format ----------------------------------------------------------------
