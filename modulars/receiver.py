@@ -171,9 +171,12 @@ class Receiver(ModularBase):
     def piece_buffer(self, size: int) -> Iterator[memoryview]:
         """A buffer for one piece's body (the piece store's, page-aligned: put without a
         copy), its memory reserved under ``receiver``; 503 SlowDown when over the limit or
-        when ``receiver.max_concurrent`` pieces are being received already."""
+        when ``receiver.max_concurrent`` pieces are being received already; 507
+        InsufficientStorage when the store has no room for it."""
         if self._receiving >= self.ctx.config.receiver.max_concurrent:
             raise ServiceUnavailable(f"busy: {self._receiving} pieces being received", 1.0)
+        if not self.store.has_room(size):
+            raise ServiceError("InsufficientStorage", "not enough free disk space", 507)
         try:
             span = self.ctx.limiter.span(self.name, memory=size)
         except ResourceLimitExceeded as exc:

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import trio
 
-from node.errors import GfspError, unwrap
+from node.errors import GfspError, ServiceError, unwrap
 
 if TYPE_CHECKING:
     from node.config import Config
@@ -104,6 +104,20 @@ class PieceDigestMismatch(PieceStoreError):
         super().__init__(f"piece {key!r}: the data's sha256 {actual.hex()} is not the one given")
         self.key = key
         self.actual = actual
+
+
+class PieceStoreFull(PieceStoreError, ServiceError):
+    """The disk (or the store's quota) is full: 507 InsufficientStorage, nothing stored."""
+
+    def __init__(self, message: str) -> None:
+        ServiceError.__init__(self, "InsufficientStorage", message, 507)
+
+
+def _write_failed(message: str, error: OSError) -> PieceStoreError:
+    """The error of a failed write: :class:`PieceStoreFull` when the disk is full."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PieceStoreFull(f"{message}: the disk is full ({error})")
+    return PieceStoreError(f"{message}: {error}")
 
 
 class PieceNotFound(PieceStoreError):
@@ -673,7 +687,7 @@ class LocalPieceStore:
                     os.fsync(f.fileno())
         except OSError as e:
             _unlink_quietly(tmp)
-            raise PieceStoreError(f"cannot write piece {tmp.name} under {folder}: {e}") from e
+            raise _write_failed(f"cannot write piece {tmp.name} under {folder}", e) from e
         return tmp
 
     def _write_direct(self, tmp: Path, view: memoryview) -> None:
@@ -711,7 +725,7 @@ class LocalPieceStore:
             if self.fsync:
                 _fsync_dir(path.parent)
         except OSError as e:
-            raise PieceStoreError(f"cannot store piece {path.name}: {e}") from e
+            raise _write_failed(f"cannot store piece {path.name}", e) from e
         return new - old
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -556,8 +556,11 @@ async def test_direct_write_failure_leaves_no_temp_file(
         raise OSError(psmod.errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(psmod.os, "fdatasync", full)
-    with pytest.raises(psmod.PieceStoreError, match="No space"):
+    with pytest.raises(psmod.PieceStoreError, match="No space") as info:
         await store.put("1_s0", b"new" * 5000)
+    # a full disk is the user's 507 InsufficientStorage, not a 500 (found in review)
+    assert isinstance(info.value, psmod.PieceStoreFull)
+    assert (info.value.code, info.value.status) == ("InsufficientStorage", 507)
     assert store.direct  # not a refusal of O_DIRECT: no fallback
     assert await store.get("1_s0") == b"old" and store.used_bytes() == 3
     assert [f.name for f in _files(tmp_path / "ps")] == ["1_s0"]

@@ -19,7 +19,7 @@ import trio
 from modulars.executor import APPROVAL_HEADER, replicate_path
 from node.crypto import PrivateKey
 from node.ec import Codec, object_checksums, split
-from node.errors import ServiceUnavailable
+from node.errors import ServiceError, ServiceUnavailable
 from node.tasks import ReplicatePieceApprovalTask, StorageParams
 from p2p.messages import encode
 from testnet.client import GfspClient, parse_error
@@ -191,6 +191,10 @@ async def test_replicate_piece_checks_then_stores(tmp_path: Path, nursery: trio.
                 pass
         with receiver.piece_buffer(4096):
             pass
+        store.has_room = lambda nbytes: False  # a full disk: 507, not a 500 at the write
+        with pytest.raises(ServiceError) as full, receiver.piece_buffer(4096):
+            pass
+        assert (full.value.code, full.value.status) == ("InsufficientStorage", 507)
         for node in nodes:
             await node.stop()
 
