@@ -66,7 +66,7 @@ import types
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgpack
 import trio
@@ -140,6 +140,8 @@ SEAL_TOO_LATE: Final = "SealTooLate:"
 #: Default of ``Manager.max_late_seals``: how many times an object whose seal came too late is
 #: replicated again before its upload is failed for good
 MAX_LATE_SEALS: Final = 3
+
+_T = TypeVar("_T")
 
 _COLUMNS: Final = ("key, type, priority, state, payload, create_time, update_time, retry, "
                    "max_retry, error")
@@ -614,7 +616,7 @@ class Manager(ModularBase):
                         raise DuplicateTask(task.key)
                     _write(conn, task, PENDING, payload)
 
-            await self.ctx.db.run(tx)
+            await self._commit(tx)
             for task in tasks:
                 self._index.put(_entry_of(task, PENDING), now)
             self.stats["added"] += len(tasks)
@@ -638,7 +640,7 @@ class Manager(ModularBase):
                 entry = self._index.choose(remaining)
                 if entry is None:
                     return None
-                outcome = await self.ctx.db.run(lambda c, e=entry: _claim(c, e.key, now))
+                outcome = await self._commit(lambda c, e=entry: _claim(c, e.key, now))
                 kind, value = outcome
                 if kind == "ok":
                     task: Task = value[0]
@@ -655,6 +657,15 @@ class Manager(ModularBase):
                     self.stats["unloadable"] += 1
                     log.error("manager: task %s is unreadable, marked failed: %s",
                               entry.key, value)
+
+    async def _commit(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """A transaction the in-memory index follows, waited for even when cancelled: a
+        cancel racing with its COMMIT (db.run then raises Cancelled for a job that committed)
+        would leave the index out of step with SPDB, e.g. a task pending in SPDB that is
+        never dispatched until a restart (found in review). The index update right after
+        has no checkpoint, so a cancellation lands after it."""
+        with trio.CancelScope(shield=True):
+            return await self.ctx.db.run(fn)
 
     async def release_task(self, task: Task) -> bool:
         """Give back a dispatched task that did not run: the executor could not reserve its
@@ -679,7 +690,7 @@ class Manager(ModularBase):
                     "WHERE key = ? AND state = ? AND update_time = ?",
                     (PENDING, before, task.key, RUNNING, task.update_time)).rowcount == 1
 
-            released: bool = await self.ctx.db.run(tx)
+            released: bool = await self._commit(tx)
             if released:
                 self._index.put(replace(entry, state=PENDING, update_time=before,
                                         claimed_from=0.0), now)
@@ -716,7 +727,7 @@ class Manager(ModularBase):
             return out
 
         try:
-            results = await self.ctx.db.run(tx)
+            results = await self._commit(tx)
         except BaseException:
             self._index.restore_leases(expired)
             raise
@@ -865,7 +876,7 @@ class Manager(ModularBase):
                         raise DuplicateTask(key)
                 _write(conn, task, RUNNING)
 
-            await self.ctx.db.run(tx)
+            await self._commit(tx)
             self._index.put(_entry_of(task, RUNNING), now)
             self.stats["upload.admitted"] += 1
 
@@ -955,7 +966,7 @@ class Manager(ModularBase):
                 _write(conn, task, PENDING, payload)
                 return True
 
-            queued = await self.ctx.db.run(tx)
+            queued = await self._commit(tx)
             if queued:
                 self._index.put(_entry_of(task, PENDING), now)
                 self.stats["receive.queued"] += 1
@@ -1038,7 +1049,7 @@ class Manager(ModularBase):
                     _set_progress(conn, obj, progress[0], "", now, params)
                 return DONE, created
 
-            outcome, created = await self.ctx.db.run(tx)
+            outcome, created = await self._commit(tx)
             if outcome == "stale":
                 self.stats[f"stale.{task.type}"] += 1
                 log.info("manager: stale report of %s ignored", task.key,

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -549,6 +549,31 @@ async def test_a_new_receive_while_its_confirm_runs_is_confirmed_afresh(
     confirm.sealed = True
     await manager.report_task(confirm)
     assert await manager.get_state(received.key) == DONE
+
+
+async def test_a_cancel_racing_with_a_commit_leaves_the_index_in_step(
+        manager: Manager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """db.run can raise Cancelled for a job that committed (the cancel came with the
+    COMMIT): the index must follow SPDB all the same (found in review: a task pending in
+    SPDB was never dispatched until a restart)."""
+    real_run = manager.ctx.db.run
+    scope = trio.CancelScope()
+
+    async def commit_then_cancel(fn: Callable[..., object]) -> object:
+        result = await real_run(fn)
+        scope.cancel()  # the caller's cancel arrives with the commit
+        await trio.lowlevel.checkpoint()
+        return result
+
+    monkeypatch.setattr(manager.ctx.db, "run", commit_then_cancel)
+    task = replicate(3)
+    with scope:
+        await manager.add_task(task)
+    assert scope.cancel_called  # (delivered, if at all, after the index update)
+    monkeypatch.setattr(manager.ctx.db, "run", real_run)
+    assert await manager.get_state(task.key) == PENDING
+    got = await manager.dispatch_task(ALL)
+    assert got is not None and got.key == task.key
 
 
 async def test_download_and_challenge_are_stats_only(manager: Manager) -> None:
