@@ -733,6 +733,7 @@ class Manager(ModularBase):
             raise
         for e, state, created in results:
             self._index.discard(e.key)
+            self._fresh_receives.pop(e.key, None)  # its run will not report: nothing waits
             if state == PENDING:
                 e.state, e.retry, e.update_time = PENDING, e.retry + 1, now
                 self._index.put(e, now)
