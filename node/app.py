@@ -177,6 +177,10 @@ class Node:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise unwrap(group) from None
+        finally:
+            if self.ctx is not None:
+                for name in self.ctx.modulars.running():
+                    self.ctx.modulars.mark_stopped(name)
 
     async def _start_all(self, nursery: trio.Nursery, ctx: NodeContext,
                          modulars: Mapping[str, Modular]) -> None:
@@ -196,9 +200,15 @@ class Node:
         try:
             await modular.serve(task_status=status)  # type: ignore[arg-type]
         except Exception as exc:
-            raise ModularFailed(modular.name, exc) from exc
-        finally:
             registry.mark_stopped(modular.name)
+            raise ModularFailed(modular.name, exc) from exc
+        except BaseException:
+            # Cancelled: the node is stopping, which cancels every modular at once. It stays
+            # registered until all are done (run() then clears the registry): a modular still
+            # finishing a step must not find a peer gone (NilModularError would make a clean
+            # stop a failure; found by test_delete_then_gc_collects_every_sp in CI).
+            raise
+        registry.mark_stopped(modular.name)
         if status.started_ok and not self._stop_requested.is_set():
             raise ModularFailed(modular.name, RuntimeError("serve() returned while running"))
 

@@ -226,6 +226,23 @@ async def test_modular_failing_after_start(node_dir: Path, helpers: ModuleType) 
     assert node.ctx.modulars.running() == []
 
 
+async def test_a_modular_finishing_a_step_during_the_stop_still_finds_its_peers(
+        node_dir: Path, helpers: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop cancels every modular at once; one still finishing a step must not find a
+    peer already unregistered (found in CI: the executor asked a manager that had just
+    stopped, NilModularError, and a clean stop raised)."""
+    monkeypatch.setattr(helpers.UsesSignerWhileStopping, "found", [])
+    cfg = _config(node_dir, implementations={"metadata": _impl("UsesSignerWhileStopping")})
+    node = Node(cfg, env={}, handle_signals=False)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            node.request_stop()
+    assert node.ctx is not None
+    assert helpers.UsesSignerWhileStopping.found == [node.ctx.keys.operator.address]
+    assert node.ctx.modulars.running() == []
+
+
 async def test_modular_returning_while_running_is_a_failure(node_dir: Path,
                                                             helpers: ModuleType) -> None:
     cfg = _config(node_dir, implementations={"metadata": _impl("ReturnsAfterStart")})

@@ -11,6 +11,7 @@ import math
 from typing import ClassVar
 
 import trio
+import trio.testing
 
 from node.modular import ModularBase, NodeContext
 
@@ -130,3 +131,23 @@ class SizeCapApprover(ModularBase):
 
     def post_replicate_piece_approval(self, task) -> None:
         return None
+
+
+class UsesSignerWhileStopping(ModularBase):
+    """Finishes a step after the node's stop began (a shielded section), then uses the
+    signer: the node's stop must not have unregistered it yet. Records what it found."""
+
+    name = "metadata"
+    requires = ("signer",)
+    found: ClassVar[list[str]] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.testing.wait_all_tasks_blocked()  # the others have stopped
+                UsesSignerWhileStopping.found.append(
+                    self.ctx.modulars.signer.operator_address)
