@@ -77,6 +77,7 @@ from bench.p2p import (
     fleet,
     print_table,
     proc_cpu,
+    proc_cpu_split,
     work_folder,
 )
 from modulars.downloader import decode_challenge, encode_challenge
@@ -470,7 +471,12 @@ class Bench:
             proc.kill()
 
     def _cpu(self) -> dict[str, float]:
-        out = {k: sum(proc_cpu(p) for p in pids) for k, pids in self.cluster.pids().items()}
+        out: dict[str, float] = {}
+        for k, pids in self.cluster.pids().items():
+            split = [proc_cpu_split(p) for p in pids]
+            out[k] = sum(u + s for u, s in split)
+            out[k + " sys"] = sum(s for _, s in split)
+            out[k + " loop"] = sum(sum(proc_cpu_split(p, p)) for p in pids)  # the event loops
         out["bench"] = time.process_time()
         return out
 
@@ -603,7 +609,16 @@ def write_random(path: Path, size: int) -> bytes:
 
 
 def fmt_cpu(cpu: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+    """``name total (sys s, loop l)`` per process group: the kernel's share (copies, TCP,
+    disk) and the event loops' (the main threads: what the worker threads leave)."""
+    parts = []
+    for k, v in cpu.items():
+        if k.endswith((" sys", " loop")):
+            continue
+        extra = [f"{what} {cpu[f'{k} {what}']:.2f}" for what in ("sys", "loop")
+                 if f"{k} {what}" in cpu]
+        parts.append(f"{k} {v:.2f}" + (f" ({', '.join(extra)})" if extra else ""))
+    return ", ".join(parts)
 
 
 def ratio(value: float, ceiling: float) -> str:

@@ -307,13 +307,20 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 def proc_cpu(pid: int) -> float:
     """User + system CPU seconds of a (child) process so far, from /proc (0 if gone)."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """(user, system) CPU seconds of a (child) process so far, or of its thread ``tid`` (the
+    process's main thread: ``tid=pid``), from /proc (0s if gone)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as fh:
+        with open(path) as fh:
             stat = fh.read()
     except OSError:
-        return 0.0
+        return 0.0, 0.0
     fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
 
 class CpuMeter:
