@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import ConfigError
+from node.hostnames import parse_host
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -66,6 +67,11 @@ def _host_port_problem(value: str, *, loopback: bool = False) -> str | None:
         if not ok:
             return "must be a loopback address (127.0.0.1, ::1 or localhost)"
     return None
+
+
+def _hosts_problem(values: list[str]) -> str | None:
+    bad = [v for v in values if not isinstance(v, str) or parse_host(v) is None]
+    return f"not a host[:port]: {bad[0]!r}" if bad else None
 
 
 _MULTIADDR = re.compile(r"/(ip4|ip6|dns|dns4|dns6)/[^/\s]+/tcp/[0-9]{1,5}"
@@ -180,6 +186,9 @@ class GaterSection:
                                 lo=0, hi=3600)
     body_idle_timeout: Seconds = _f(Seconds(60.0), "Seconds a streamed request body may send "
                                     "nothing (past it: 400 RequestTimeout).", lo=0.01, hi=3600)
+    hosts: list[str] = _f([], "Further host[:port] names this SP serves under (a signed request "
+                          "is accepted only for the bound address, the registered endpoint or "
+                          "one of these).", check=_hosts_problem)
     recv_bytes: ByteSize = _f(ByteSize(512 * KiB), "Most bytes read from a connection at once "
                               "(keep under 1 MiB, the mmap threshold of node/malloc.py).",
                               lo=4 * KiB, hi=1 * MiB)

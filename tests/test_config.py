@@ -110,6 +110,9 @@ def _error(tmp_path: Path, text: str) -> str:
         ("[p2p]\nlisten = \"/dns4/x/tcp/1\"\n", "p2p.listen", "'/dns4/x/tcp/1'"),
         ("[p2p]\nbootstrap = [\"/ip4/1.2.3.4/tcp/1\"]\n", "p2p.bootstrap", "1.2.3.4"),
         ("[p2p]\nbootstrap = [\"id@junk\"]\n", "p2p.bootstrap", "junk"),
+        ("[gater]\nhosts = [\"sp.example\", \"http://sp.example\"]\n", "gater.hosts",
+         "http://sp.example"),
+        ("[gater]\nhosts = [\"sp.example:99999\"]\n", "gater.hosts", "sp.example:99999"),
     ],
 )
 def test_bad_config_is_one_line_naming_file_key_value(

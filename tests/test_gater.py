@@ -498,6 +498,61 @@ async def test_tampered_request_is_403(fakes: StackFactory) -> None:
         assert_error(r, 403, "SignatureDoesNotMatch")
 
 
+def signed_for(client: Client, host: str, path: str, *, to: str | None = None
+               ) -> httpx.Request:
+    """A GET of ``path`` signed for ``host``, sent to ``to`` (default: the client's gater)."""
+    request = client.build("GET", path, headers={"host": host})
+    client.sign(request)
+    if to is not None:
+        request.url = httpx.URL(to + quote_path(path))
+    return request
+
+
+async def test_a_request_signed_for_another_sp_is_421(fakes: StackFactory) -> None:
+    """Each SP keeps its own replay cache: a request signed for SP b, replayed unchanged at
+    SP a, must not act at a (found in review: the signed host was never compared)."""
+    with trio.fail_after(TIMEOUT):
+        a, b = await fakes(), await fakes()
+        own_bucket(a)
+        b_host = b.client.endpoint.removeprefix("http://")
+        request = signed_for(a.client, b_host, f"{API}/buckets/mybucket", to=a.client.endpoint)
+        assert request.headers["host"] == b_host
+        r = await a.client.http.send(request)
+        err = assert_error(r, 421, "MisdirectedRequest")
+        assert b_host in err["Message"]
+        # the same account, signing for a's own host (any case, as sent): served
+        a_host = a.client.endpoint.removeprefix("http://")
+        r = await a.client.http.send(signed_for(a.client, a_host.upper(),
+                                                f"{API}/buckets/mybucket"))
+        assert r.status_code == 200, r.text
+        # a host that is no host[:port] at all
+        r = await a.client.http.send(signed_for(a.client, "a b", f"{API}/buckets/mybucket"))
+        assert r.status_code in (400, 421), r.text
+
+
+async def test_gater_hosts_names_further_hosts(fakes: StackFactory) -> None:
+    with trio.fail_after(TIMEOUT):
+        s = await fakes(hosts=["SP.example", "alias.example:8443"])
+        own_bucket(s)
+        for host, status in (("sp.example", 200), ("sp.example:80", 200),
+                             ("alias.example:8443", 200), ("alias.example", 421),
+                             ("sp.example:9033", 421), ("other.example", 421)):
+            r = await s.client.http.send(signed_for(s.client, host, f"{API}/buckets/mybucket"))
+            assert r.status_code == status, (host, r.status_code, r.text)
+
+
+async def test_the_registered_endpoint_names_the_sp(real: StackFactory) -> None:
+    """Behind a proxy, clients sign for the endpoint in the SP registry, not the bound one."""
+    with trio.fail_after(TIMEOUT):
+        s = await real()
+        assert s.sp is not None and s.sp.endpoint == "http://127.0.0.1:1"
+        path = f"{API}/accounts/{s.client.key.address}/buckets"
+        r = await s.client.http.send(signed_for(s.client, "127.0.0.1:1", path))
+        assert r.status_code == 200, r.text
+        r = await s.client.http.send(signed_for(s.client, "127.0.0.1:2", path))
+        assert_error(r, 421, "MisdirectedRequest")
+
+
 async def test_replayed_request_is_403(fakes: StackFactory) -> None:
     with trio.fail_after(TIMEOUT):
         s = await fakes()

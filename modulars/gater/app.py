@@ -334,7 +334,7 @@ def _endpoint(gater: Gater, spec: RouteSpec) -> Callable[[Request], Awaitable[Re
         check_head_size(request.scope, int(gater.cfg.max_header_bytes))
         limit = gater.body_limit(spec.body)
         check_declared_length(request.headers, limit)
-        auth = None if spec.public else authenticate(gater, request, spec)
+        auth = None if spec.public else await authenticate(gater, request, spec)
         if spec.public:
             client = request.client
             gater.rate.take(f"ip:{client.host if client else ''}")
@@ -349,8 +349,10 @@ def _endpoint(gater: Gater, spec: RouteSpec) -> Callable[[Request], Awaitable[Re
     return endpoint
 
 
-def authenticate(gater: Gater, request: Request, spec: RouteSpec) -> VerifiedRequest:
-    """Verify the signature, refuse a replay, take a rate-limit token, record the nonce.
+async def authenticate(gater: Gater, request: Request, spec: RouteSpec) -> VerifiedRequest:
+    """Verify the signature, check that it was signed for this SP's host (421
+    ``MisdirectedRequest``, :mod:`modulars.gater.hosts`), refuse a replay, take a rate-limit
+    token, record the nonce.
 
     The replay cache refuses an account's request (503 SlowDown) when that account has too
     many unexpired requests, or when its own evicted ones could not be told from this one;
@@ -368,6 +370,8 @@ def authenticate(gater: Gater, request: Request, spec: RouteSpec) -> VerifiedReq
     if spec.body == "json" and verified.payload_sha256 is None:
         raise AuthError("UnsignedPayloadNotAllowed",
                         "this route acts on its body: sign its sha256, not UNSIGNED-PAYLOAD")
+    host = next((v for k, v in headers if k.lower() == "host"), "")
+    await gater.hosts.check(host, scope.get("scheme", "http"))
     # a replay is refused before it costs the signer a rate-limit token (else replaying one
     # captured request would keep its account at SlowDown)
     gater.replay.check(verified.account, verified.nonce, verified.expiry, now)

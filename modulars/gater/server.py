@@ -37,6 +37,7 @@ import trio
 
 from modulars.gater.app import ROUTES, BodyKind, RouteSpec, build_app, replay_cache
 from modulars.gater.data import DATA_ROUTES
+from modulars.gater.hosts import HostCheck
 from modulars.gater.openapi import openapi_document
 from modulars.gater.ratelimit import RateLimiter
 from node.errors import ListenFailed
@@ -65,6 +66,7 @@ class Gater(ModularBase):
         self.routes = routes
         self.endpoint: str | None = None
         self.replay = replay_cache(self.cfg)
+        self.hosts = HostCheck(self.cfg.hosts, registered=self._registered_endpoint)
         self.rate = RateLimiter(self.cfg.rate_limit, self.cfg.rate_burst, clock=ctx.clock)
         #: Unix seconds for signature expiries; tests may replace it.
         self.wall_clock: Callable[[], float] = time.time
@@ -76,6 +78,14 @@ class Gater(ModularBase):
 
     def __repr__(self) -> str:
         return f"Gater(endpoint={self.endpoint})"
+
+    async def _registered_endpoint(self) -> str | None:
+        """This SP's endpoint in the SP registry (cached there), None without a registry."""
+        registry = self.ctx.sp_registry
+        if registry is None:
+            return None
+        sp = await registry.sp_by_operator(self.ctx.keys.operator.address)
+        return None if sp is None else sp.endpoint
 
     def body_limit(self, kind: BodyKind) -> int:
         return int(self.cfg.max_body if kind == "stream" else self.cfg.max_json_body)
@@ -107,6 +117,8 @@ class Gater(ModularBase):
                 except (OSError, BaseExceptionGroup) as exc:
                     raise ListenFailed("gater.listen", self.cfg.listen, exc) from None
                 self.endpoint = binds[0] if binds else None
+                for bound in binds:
+                    self.hosts.bind(bound)
                 self._serving = True
                 log.info("gater listening on %s", self.endpoint)
                 task_status.started()
