@@ -525,6 +525,14 @@ async def test_a_request_signed_for_another_sp_is_421(fakes: StackFactory) -> No
         r = await a.client.http.send(signed_for(a.client, a_host.upper(),
                                                 f"{API}/buckets/mybucket"))
         assert r.status_code == 200, r.text
+        # a loopback gater is also localhost (the port still names the SP)
+        port = a_host.rsplit(":", 1)[1]
+        r = await a.client.http.send(signed_for(a.client, f"localhost:{port}",
+                                                f"{API}/buckets/mybucket"))
+        assert r.status_code == 200, r.text
+        r = await a.client.http.send(signed_for(a.client, f"localhost:{b.port}",
+                                                f"{API}/buckets/mybucket"))
+        assert_error(r, 421, "MisdirectedRequest")
         # a host that is no host[:port] at all
         r = await a.client.http.send(signed_for(a.client, "a b", f"{API}/buckets/mybucket"))
         assert r.status_code in (400, 421), r.text

@@ -7,7 +7,7 @@ signature verifies, its ``host`` must be one of this SP's names, else 421
 ``MisdirectedRequest``:
 
 - the address the gater is bound to (``http://127.0.0.1:43117`` when ``gater.listen`` has
-  port 0);
+  port 0), and ``localhost`` with its port when that address is a loopback one;
 - the endpoint this SP is registered with in the SP registry (the chain): the name clients
   and other SPs use, also behind a reverse proxy;
 - ``gater.hosts``: further names an operator serves the node under.
@@ -18,6 +18,7 @@ scheme (80 for http, 443 for https) counts as no port, as does a ``Host`` header
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 
 from node.errors import ServiceError
@@ -45,9 +46,17 @@ class HostCheck:
         self._registered = registered
 
     def bind(self, endpoint: str) -> None:
+        """Add the bound ``endpoint``'s name; a loopback one also as ``localhost``."""
         name = endpoint_name(endpoint)
-        if name is not None:
-            self._names.add(name)
+        if name is None:
+            return
+        self._names.add(name)
+        try:
+            loopback = ipaddress.ip_address(name[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            self._names.add(("localhost", name[1]))
 
     async def check(self, host: str, scheme: str = "http") -> None:
         """Return when ``host`` (a request's ``Host`` header) names this SP, else raise
