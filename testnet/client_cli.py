@@ -509,13 +509,18 @@ class SegmentVerifier:
 
 
 def output_path(out: str | None, name: str) -> Path:
+    """Where ``get`` writes: OUT, or the object's last name part (in OUT when it is a folder);
+    a symbolic link is followed (its target gets the data, the link stays)."""
     base = PurePosixPath(name).name
-    if out is None:
-        path = Path(base)
-    else:
-        path = Path(out)
-        if path.is_dir():
-            path = path / base
+    path = Path(out) if out is not None else None
+    if path is None or path.is_dir():
+        if base in ("", ".", ".."):
+            raise UsageError(f"the object name {name!r} gives no file name: name the output "
+                             "file (gfsp get BUCKET/OBJECT OUT)")
+        path = base if path is None else path / base
+        path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     if not path.parent.is_dir():
         raise UsageError(f"{path.parent}: no such folder")
     return path
@@ -603,7 +608,16 @@ async def download_to_file(c: CliClient, bucket: str, name: str,
                            byte_range: tuple[int, int | None] | None, out: Path, bar: Progress,
                            verifier: SegmentVerifier | None, expected: int,
                            integrity: bytes) -> int:
-    """Download into a temporary file beside ``out``, checked, then renamed to ``out``."""
+    """Download into a temporary file beside ``out``, checked, then renamed to ``out``; into
+    ``out`` itself when it exists and is no regular file (a device such as /dev/null, a
+    FIFO): those are written, never replaced."""
+    target = trio.Path(out)
+    if await target.exists() and not await target.is_file():
+        f = await trio.open_file(out, "wb")
+        async with f:
+            got = await download(c, bucket, name, byte_range, f, bar, verifier)
+        check_download(got, expected, verifier, integrity)
+        return got
     tmp = trio.Path(out.with_name(f".{out.name}.{secrets.token_hex(4)}.gfsp-part"))
     try:
         f = await trio.open_file(tmp, "xb")

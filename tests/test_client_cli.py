@@ -16,8 +16,10 @@ import io
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -206,6 +208,9 @@ def test_missing_file_and_bad_names(tmp_path: Path, capsys: pytest.CaptureFixtur
     code, _, err = run_main(capsys, *common, "get", "demo-bucket/x",
                             str(tmp_path / "no" / "such" / "out"))
     assert code == EXIT_USAGE and "no such folder" in one_error_line(err)
+    for dots in ("demo-bucket/..", "demo-bucket/."):  # found in review: a traceback, or a
+        code, _, err = run_main(capsys, *common, "get", dots)  # rename onto the parent folder
+        assert code == EXIT_USAGE and "name the output file" in one_error_line(err)
     code, _, err = run_main(capsys, *common, "mb", "gfsp")
     assert code == EXIT_USAGE and "reserved" in one_error_line(err)
 
@@ -310,6 +315,25 @@ async def test_put_get_ls_on_a_testnet(tmp_path: Path) -> None:
             out = work / "copy.bin"
             await gfsp(*tn, "get", "demo-bucket/dir/five.bin", str(out), cwd=work)
             assert out.read_bytes() == payload
+            # found in review: OUT was replaced by the download (as root, `get X /dev/null`
+            # turned /dev/null into a file); a symbolic link's target gets the data, and a
+            # FIFO (or a device) is written into
+            link = work / "link.bin"
+            link.symlink_to("linked.bin")
+            await gfsp(*tn, "get", "demo-bucket/small.txt", str(link), cwd=work)
+            assert link.is_symlink() and (work / "linked.bin").read_bytes() == small.read_bytes()
+            fifo = work / "fifo"
+            os.mkfifo(fifo)
+            drained: list[bytes] = []
+
+            def drain() -> None:
+                with open(fifo, "rb") as reader:
+                    drained.append(reader.read())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(trio.to_thread.run_sync, drain, abandon_on_cancel=True))
+                await gfsp(*tn, "get", "demo-bucket/small.txt", str(fifo), cwd=work)
+            assert drained == [small.read_bytes()] and stat.S_ISFIFO(fifo.lstat().st_mode)
             part = await gfsp(*tn, "get", "demo-bucket/dir/five.bin", "-", "--range",
                               f"{MiB - 5}-{MiB + 4}", cwd=work)
             assert part.stdout == payload[MiB - 5:MiB + 5]
