@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -128,6 +130,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def number_arg(kind: type[int] | type[float], low: float, *, above: bool = False
+            ) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` at least ``low`` (more than ``low`` with ``above``);
+    a bad value is a usage error (exit 2) naming it."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(
+                f"must be {'more than' if above else 'at least'} {low:g}, not {text}")
+        return value
+    return parse
+
+
 def _amount(n: int | None) -> str:
     return "-" if n is None else "unlimited" if n >= sys.maxsize else str(n)
 
@@ -214,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="show a running node's modulars, limiter, queues, peers")
     p.add_argument("--config", type=Path, required=True, help="the node's config.toml")
-    p.add_argument("--timeout", type=float, default=STATUS_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--timeout", type=number_arg(float, 0, above=True), default=STATUS_TIMEOUT,
+                   metavar="SECONDS",
                    help="deadline of the request to the node (default %(default)s)")
     p.set_defaults(func=cmd_status)
     return parser

@@ -46,6 +46,7 @@ import trio
 
 from node import chain_msgs
 from node.chain import DevChainClient
+from node.cli import number_arg
 from node.config import (
     ChainSection,
     Config,
@@ -193,7 +194,7 @@ def _init_from_args(args: argparse.Namespace, nodes: int) -> Manifest:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    m = _init_from_args(args, args.nodes or DEFAULT_NODES)
+    m = _init_from_args(args, DEFAULT_NODES if args.nodes is None else args.nodes)
     say(f"initialised a testnet of {len(m.nodes)} nodes in {m.root} "
         f"({m.data_shards} data + {m.parity_shards} parity shards); manifest {m.path}")
     return EXIT_OK
@@ -486,7 +487,7 @@ def running_pids(m: Manifest) -> list[tuple[str, int]]:
 async def up(args: argparse.Namespace) -> int:
     root: Path = args.dir.absolute()
     if not manifest_path(root).exists():
-        _init_from_args(args, args.nodes or DEFAULT_NODES)
+        _init_from_args(args, DEFAULT_NODES if args.nodes is None else args.nodes)
     m = load_manifest(root)
     if args.nodes and args.nodes != len(m.nodes):
         err(f"{m.path} has {len(m.nodes)} nodes, not {args.nodes} "
@@ -723,7 +724,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
         except OSError:
             data = b""
         offsets[path] = len(data)
-        for line in data.decode(errors="replace").splitlines()[-args.lines:]:
+        lines = data.decode(errors="replace").splitlines()
+        for line in lines[len(lines) - args.lines:] if args.lines else []:
             say(f"[{name}] {line}" if prefix else line)
     if not args.follow:
         return EXIT_OK
@@ -783,6 +785,10 @@ def cmd_clean(args: argparse.Namespace) -> int:
 # --- command line -------------------------------------------------------------------------------
 
 
+_SECONDS = number_arg(float, 0)
+_POSITIVE_SECONDS = number_arg(float, 0, above=True)
+
+
 def _add_init_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-keys", action="store_true",
                    help="random keys (default: keys from the seed 'sp<i>', so ids are known)")
@@ -806,16 +812,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", parents=[common], help="lay out the testnet folder")
-    p.add_argument("--nodes", type=int, default=DEFAULT_NODES, help="SP nodes (default 4)")
+    p.add_argument("--nodes", type=number_arg(int, 1), default=DEFAULT_NODES,
+                   help="SP nodes (default 4)")
     _add_init_options(p)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("up", parents=[common], help="start the devchain and every node")
-    p.add_argument("--nodes", type=int, help="SP nodes when initialising (default 4)")
+    p.add_argument("--nodes", type=number_arg(int, 1),
+                   help="SP nodes when initialising (default 4)")
     p.add_argument("--detach", action="store_true", help="return once every node is ready")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    p.add_argument("--timeout", type=_POSITIVE_SECONDS, default=DEFAULT_TIMEOUT,
                    help="seconds to wait for every node's READY=1 (default %(default)s)")
-    p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+    p.add_argument("--grace", type=_SECONDS, default=DEFAULT_GRACE,
                    help="seconds between SIGTERM and SIGKILL on stop (default %(default)s)")
     _add_init_options(p)
     p.set_defaults(func=cmd_up)
@@ -827,13 +835,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", parents=[common], help="show (or follow) logs")
     p.add_argument("which", nargs="?", help="node index, sp<i> or chain (default: all)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    p.add_argument("-n", "--lines", type=int, default=50, help="lines of each log (default 50)")
+    p.add_argument("-n", "--lines", type=number_arg(int, 0), default=50,
+                   help="lines of each log (default 50)")
     p.set_defaults(func=cmd_logs)
 
     for name, func, text in (("down", cmd_down, "stop every process (by pid file)"),
                              ("clean", cmd_clean, "down, then remove the testnet folder")):
         p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+        p.add_argument("--grace", type=_SECONDS, default=DEFAULT_GRACE,
                        help="seconds between SIGTERM and SIGKILL (default %(default)s)")
         p.set_defaults(func=func)
     return parser

@@ -20,7 +20,7 @@ import trio
 from node.config import load_config
 from node.crypto import PrivateKey
 from p2p.host import peer_id_from_public_key
-from testnet.cli import alive, init_testnet
+from testnet.cli import alive, init_testnet, main
 from testnet.manifest import (
     ManifestError,
     default_storage_params,
@@ -141,6 +141,12 @@ async def test_up_detach_status_logs_down(tmp_path: Path) -> None:
 
         logs = (await run_testnet("logs", "2", "-n", "200", "--dir", str(root))).stdout.decode()
         assert "node sp2 ready" in logs
+        two = (await run_testnet("logs", "2", "-n", "2", "--dir", str(root))).stdout.decode()
+        later = (await run_testnet("logs", "2", "-n", "100000", "--dir", str(root))).stdout
+        assert len(two.splitlines()) == 2, two  # (the log may grow between the two reads)
+        assert all(line in later.decode().splitlines() for line in two.splitlines()), two
+        none = (await run_testnet("logs", "2", "-n", "0", "--dir", str(root))).stdout.decode()
+        assert none == "", none  # found in review: -n 0 printed every line
         all_logs = (await run_testnet("logs", "--dir", str(root))).stdout.decode()
         assert "[devchain] devchain listening on" in all_logs and "[sp3] " in all_logs
 
@@ -234,3 +240,20 @@ async def test_commands_without_a_testnet_say_so(tmp_path: Path) -> None:
         assert r.returncode == 2 and b"gfsp-testnet init" in r.stderr, (cmd, r.stderr)
     r = await run_testnet("clean", "--dir", str(tmp_path / "none"))
     assert b"nothing to clean" in r.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["down", "--grace", "-1"], ["clean", "--grace", "nan"], ["up", "--timeout", "0"],
+    ["up", "--timeout", "inf"], ["up", "--timeout", "-5"], ["init", "--nodes", "0"],
+    ["up", "--nodes", "x"], ["logs", "-n", "-1"],
+])
+def test_bad_numbers_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      argv: list[str]) -> None:
+    """Found in review: --grace -1 was a traceback (and left the devchain running), --nodes 0
+    made 4 nodes, -n -1 printed all but one line."""
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--dir", str(tmp_path / "tn")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert argv[-1] in err and argv[-2].lstrip("-") in err, err
+    assert not (tmp_path / "tn").exists()
