@@ -32,6 +32,7 @@ from node.config import Config, LimitValues
 from node.crypto import KeySet, load_keys
 from node.db import open_spdb
 from node.errors import GfspError, ModularStartError, describe, unwrap
+from node.lockfile import data_dir_lock
 from node.metrics import NodeMetrics
 from node.modular import Modular, Modulars, NodeContext
 from node.notify import Notifier
@@ -125,6 +126,13 @@ class Node:
         keys = load_node_keys(cfg, self.env)
         limiter = build_limiter(cfg)
         static = load_sp_registry(cfg)
+        with data_dir_lock(cfg.data_dir):  # before SPDB and the store: one node per folder
+            async with self._services(cfg, keys, limiter, static) as ctx:
+                yield ctx
+
+    @asynccontextmanager
+    async def _services(self, cfg: Config, keys: KeySet, limiter: ResourceLimiter,
+                        static: SPRegistry | None):  # type: ignore[no-untyped-def]
         async with (open_spdb(cfg.db_path, busy_timeout=cfg.db.busy_timeout,
                               synchronous=cfg.db.synchronous) as db,
                     trio.open_nursery() as background):

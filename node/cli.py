@@ -30,6 +30,7 @@ from node.config import (
 )
 from node.crypto import create_keys
 from node.errors import ConfigError, DBError, KeyFileError, ModularStartError
+from node.lockfile import DataDirLocked
 from node.log import setup_logging
 from node.malloc import release_large_buffers
 from node.spregistry import StaticSPRegistry, sp_info_of
@@ -84,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, KeyFileError) as exc:
         print(f"gfsp-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ModularStartError, ModularFailed, DBError) as exc:
+    except (ModularStartError, ModularFailed, DBError, DataDirLocked) as exc:
         print(f"gfsp-node: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:  # e.g. a data folder that cannot be created

@@ -28,6 +28,7 @@ from node.app import ModularFailed, Node
 from node.config import Config, ModularsSection, Seconds, load_config
 from node.crypto import PrivateKey, load_keys
 from node.errors import ConfigError, ModularStartError, NilModularError
+from node.lockfile import LOCK_NAME, DataDirLocked
 from node.registry import (
     CANONICAL_ORDER,
     DEFAULT_MODULARS,
@@ -609,6 +610,34 @@ async def test_a_port_in_use_is_named_in_one_line(node_dir: Path, tmp_path: Path
     assert "Traceback" not in result.stderr.decode()
     (line,) = _gfsp_lines(result.stderr)
     assert want in line and "EADDRINUSE" in line and "ExceptionGroup" not in line, line
+
+
+async def test_a_second_node_on_one_data_folder_stops_at_once(node_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """Found in review: a second ``run`` of one config started every modular on the same SPDB
+    and piece store, and failed only at the gater's port."""
+    cfg = _config(node_dir)
+    first = Node(cfg, env={}, handle_signals=False)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run)
+            second = Node(cfg, env={}, handle_signals=False)
+            with pytest.raises(DataDirLocked, match=f"pid {os.getpid()}"):
+                await second.run()
+            assert second.ctx is None  # nothing was opened
+            result = await _gfsp("run", "--config", str(node_dir / "config.toml"),
+                                 cwd=tmp_path)
+            assert result.returncode == 1
+            (line,) = _gfsp_lines(result.stderr)
+            assert "another node runs on" in line and str(os.getpid()) in line, line
+            first.request_stop()
+    # the lock goes with its holder: the folder serves a new node at once
+    again = Node(cfg, env={}, handle_signals=False)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(again.run)
+            again.request_stop()
+    assert (cfg.data_dir / LOCK_NAME).stat().st_mode & 0o777 == 0o600
 
 
 async def test_init_twice_exits_2(tmp_path: Path) -> None:
