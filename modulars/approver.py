@@ -1,12 +1,15 @@
 """Approver: decides and signs approvals (the seed's Approver), pre/handle/post per task type.
 
-- CreateBucketApproval / CreateObjectApproval: ``pre_`` refuses a repeat of the same ask within
-  ``approver.dedup_window`` seconds and an account at ``approver.max_buckets_per_account``
-  buckets (on the chain, plus approvals handed out, not yet expired and not yet used, plus
-  the account's other asks in flight); ``handle_`` sets the
-  expiry height (current + ``*_approval_blocks``) and has the signer sign; ``post_`` records
-  statistics. :meth:`Approver.approval_message` gives the signed approval map the client embeds
-  in its transaction.
+- CreateBucketApproval / CreateObjectApproval: ``pre_`` refuses an ask while the same one is
+  in flight (409 ``DuplicateApprovalRequest``) and an account at
+  ``approver.max_buckets_per_account`` buckets (on the chain, plus approvals handed out, not
+  yet expired and not yet used, plus the account's other asks in flight); ``handle_`` sets the
+  expiry height (current + ``*_approval_blocks``) and has the signer sign, except that a
+  repeat of an ask within ``approver.dedup_window`` seconds gets the approval already handed
+  out when it would sign the same thing and has not expired (a client retrying, or
+  re-creating a bucket or object it just deleted); ``post_`` records statistics.
+  :meth:`Approver.approval_message` gives the signed approval map the client embeds in its
+  transaction.
 - ReplicatePieceApproval (asked by other SPs through the P2P modular): approved while the
   shared limiter and free disk allow receiving the pieces (:mod:`node.capacity`).
 """
@@ -54,7 +57,8 @@ class Approver(ModularBase):
     def __init__(self, ctx: NodeContext) -> None:
         super().__init__(ctx)
         self.cfg = ctx.config.approver
-        self._recent: dict[str, float] = {}          # task key -> time handed out
+        # task key -> (time handed out, the signed approval map, its signature)
+        self._recent: dict[str, tuple[float, dict[str, Any], bytes]] = {}
         # bucket approvals handed out and not yet expired: account -> {bucket: expiry height},
         # and a heap of (expiry height, account, bucket) to forget them when they expire
         self._pending: dict[str, dict[str, int]] = {}
@@ -78,13 +82,33 @@ class Approver(ModularBase):
     # --- shared steps ---------------------------------------------------------------------
 
     def _check_duplicate(self, task: Task) -> None:
-        now = trio.current_time()
-        horizon = now - self.cfg.dedup_window
-        for key in [k for k, t in self._recent.items() if t < horizon]:
-            del self._recent[key]
-        if task.key in self._recent or task.key in self._in_flight:
+        """409 while the same ask is in flight; else it is in flight from now on."""
+        if task.key in self._in_flight:
             raise DuplicateApproval(task.key, self.cfg.dedup_window)
         self._in_flight[task.key] = task
+
+    def _repeat(self, task: CreateBucketApprovalTask | CreateObjectApprovalTask,
+                message: dict[str, Any], height: int) -> bool:
+        """Give ``task`` the approval handed out for the same ask within the window, when it
+        signed the same ``message`` (but the expiry) and is still valid at ``height``."""
+        horizon = trio.current_time() - self.cfg.dedup_window
+        for key in [k for k, (t, _, _) in self._recent.items() if t < horizon]:
+            del self._recent[key]
+        hit = self._recent.get(task.key)
+        if hit is None:
+            return False
+        _, signed, signature = hit
+        if {**message, "expiry_height": signed["expiry_height"]} != signed \
+                or signed["expiry_height"] < height:
+            return False
+        task.expiry_height = signed["expiry_height"]
+        task.approver_signature = signature
+        self.stats["repeated"] += 1
+        return True
+
+    def _remember(self, task: CreateBucketApprovalTask | CreateObjectApprovalTask,
+                  message: dict[str, Any]) -> None:
+        self._recent[task.key] = (trio.current_time(), message, task.approver_signature)
 
     async def _expiry(self, blocks: int) -> int:
         try:
@@ -109,7 +133,8 @@ class Approver(ModularBase):
             pending = self._pending.get(task.account, {})
             for name in [n for n in pending if n in owned]:  # used: counted as owned now
                 del pending[name]
-            count = len(owned) + len(pending) + len(asking) - 1  # the others in flight
+            others = len(pending) - (task.bucket in pending)  # a repeat is not one more
+            count = len(owned) + others + len(asking) - 1  # the others in flight
             if count >= self.cfg.max_buckets_per_account:
                 raise TooManyBuckets(task.account, self.cfg.max_buckets_per_account)
             if len(self._pending_heap) >= MAX_PENDING_BUCKETS:
@@ -123,12 +148,18 @@ class Approver(ModularBase):
             raise
 
     async def handle_create_bucket_approval_task(self, task: CreateBucketApprovalTask) -> bool:
-        task.expiry_height = await self._expiry(self.cfg.bucket_approval_blocks)
-        task.approver_signature = self.ctx.modulars.signer.sign_create_bucket_approval(
-            self._bucket_approval(task))
-        self._recent[task.key] = trio.current_time()
-        self._pending.setdefault(task.account, {})[task.bucket] = task.expiry_height
-        heapq.heappush(self._pending_heap, (task.expiry_height, task.account, task.bucket))
+        expiry = await self._expiry(self.cfg.bucket_approval_blocks)
+        if not self._repeat(task, self._bucket_approval(task),
+                            expiry - self.cfg.bucket_approval_blocks):
+            task.expiry_height = expiry
+            message = self._bucket_approval(task)
+            task.approver_signature = self.ctx.modulars.signer.sign_create_bucket_approval(
+                message)
+            self._remember(task, message)
+        pending = self._pending.setdefault(task.account, {})
+        if pending.get(task.bucket) != task.expiry_height:
+            pending[task.bucket] = task.expiry_height
+            heapq.heappush(self._pending_heap, (task.expiry_height, task.account, task.bucket))
         self._done_asking(task)  # counted as pending from now on
         return True
 
@@ -166,10 +197,14 @@ class Approver(ModularBase):
         self._check_duplicate(task)
 
     async def handle_create_object_approval_task(self, task: CreateObjectApprovalTask) -> bool:
-        task.expiry_height = await self._expiry(self.cfg.object_approval_blocks)
-        task.approver_signature = self.ctx.modulars.signer.sign_create_object_approval(
-            self._object_approval(task))
-        self._recent[task.key] = trio.current_time()
+        expiry = await self._expiry(self.cfg.object_approval_blocks)
+        if self._repeat(task, self._object_approval(task),
+                        expiry - self.cfg.object_approval_blocks):
+            return True
+        task.expiry_height = expiry
+        message = self._object_approval(task)
+        task.approver_signature = self.ctx.modulars.signer.sign_create_object_approval(message)
+        self._remember(task, message)
         return True
 
     def post_create_object_approval(self, task: CreateObjectApprovalTask) -> None:

@@ -250,7 +250,9 @@ class ApproverSection:
     bucket_approval_blocks: int = _f(100, "Blocks a bucket approval stays valid.", lo=1)
     object_approval_blocks: int = _f(100, "Blocks an object approval stays valid.", lo=1)
     replicate_approval_blocks: int = _f(100, "Blocks a replicate approval stays valid.", lo=1)
-    dedup_window: Seconds = _f(Seconds(60.0), "Seconds a repeated approval ask is refused.", lo=0)
+    dedup_window: Seconds = _f(Seconds(60.0), "Seconds a repeated approval ask gets the "
+                               "approval already handed out (same content, not expired) "
+                               "instead of a new one.", lo=0)
     max_buckets_per_account: int = _f(100, "Bucket cap per account.", lo=1)
 
 

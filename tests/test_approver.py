@@ -104,16 +104,69 @@ async def test_bucket_approval_is_signed_with_an_expiry(setup) -> None:
     assert approver.stats["create_bucket.done"] == 1 and not approver.query_tasks()
 
 
-async def test_duplicate_within_the_window_is_refused_then_allowed(setup, autojump_clock
-                                                                  ) -> None:
-    approver, _ = setup
-    await ask_bucket(approver, "dup")
+async def test_a_repeat_within_the_window_gets_the_same_approval(setup, autojump_clock
+                                                                ) -> None:
+    """Found in review: a repeat was refused (409) for the whole window, so a bucket or
+    object deleted and created again within a minute could not be; now a repeat gets the
+    approval already handed out, as long as it is valid and the window lasts."""
+    approver, chain = setup
+    first = await ask_bucket(approver, "dup")
     await trio.sleep(59)
-    with pytest.raises(DuplicateApproval) as info:
-        await ask_bucket(approver, "dup")
-    assert info.value.status == 409
-    await trio.sleep(2)
-    await ask_bucket(approver, "dup")
+    chain.height += 3
+    again = await ask_bucket(approver, "dup")
+    assert (again.expiry_height, again.approver_signature) == (first.expiry_height,
+                                                               first.approver_signature)
+    assert approver._pending == {ACCOUNT: {"dup": first.expiry_height}}  # counted once
+    assert approver.stats["repeated"] == 1
+    await trio.sleep(2)  # past the window: a new approval
+    third = await ask_bucket(approver, "dup")
+    assert third.expiry_height == chain.height + 10 != first.expiry_height
+    # an approval that expired within the window is not handed out again
+    chain.height += 11
+    fourth = await ask_bucket(approver, "dup")
+    assert fourth.expiry_height == chain.height + 10
+
+
+async def test_an_ask_in_flight_is_refused_once(setup, autojump_clock) -> None:
+    approver, chain = setup
+    chain.slow = 1.0
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            await ask_bucket(approver, "same")
+            outcomes.append("ok")
+        except DuplicateApproval as exc:
+            assert exc.status == 409
+            outcomes.append("409")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        nursery.start_soon(one)
+    assert sorted(outcomes) == ["409", "ok"]
+    chain.slow = 0.0
+    await ask_bucket(approver, "same")  # no longer in flight: the repeat is answered
+
+
+async def test_a_repeat_with_other_content_is_a_new_approval(setup) -> None:
+    approver, chain = setup
+
+    async def ask(size: int) -> CreateObjectApprovalTask:
+        obj = ObjectInfo(id=0, bucket="b", name="o", owner=ACCOUNT, size=size,
+                         checksums=tuple(bytes([size]) * 32 for _ in range(7)))
+        task = CreateObjectApprovalTask(object=obj)
+        await approver.pre_create_object_approval(task)
+        assert await approver.handle_create_object_approval_task(task)
+        approver.post_create_object_approval(task)
+        return task
+
+    five = await ask(5)
+    chain.height += 1
+    assert (await ask(5)).approver_signature == five.approver_signature
+    six = await ask(6)  # the same name with other content: its own approval
+    assert six.approver_signature != five.approver_signature
+    assert approver.approval_message(six)["size"] == 6
+    verify_message(approver.ctx.keys.approval.public_key, approver.approval_message(six))
 
 
 async def test_bucket_cap_counts_chain_and_pending_approvals(setup) -> None:

@@ -391,6 +391,13 @@ async def test_put_get_ls_on_a_testnet(tmp_path: Path) -> None:
             r = await gfsp(*tn, "rb", "demo-bucket", cwd=work, check=False)
             assert r.returncode == EXIT_FAILED
             assert "BUCKET_NOT_EMPTY" in one_error_line(r.stderr.decode())
+            # found in review: created again right after its deletion, a bucket was refused
+            # for a minute (DuplicateApprovalRequest)
+            await gfsp(*tn, "mb", "again-bucket", cwd=work)
+            await gfsp(*tn, "rb", "again-bucket", cwd=work)
+            await gfsp(*tn, "mb", "again-bucket", cwd=work)
+            r = await gfsp(*tn, "mb", "again-bucket", cwd=work, check=False)
+            assert "BUCKET_EXISTS" in one_error_line(r.stderr.decode()), r.stderr
 
             await gfsp(*tn, "rm", "demo-bucket/small.txt", cwd=work)
             listing = (await gfsp(*tn, "ls", "demo-bucket", cwd=work)).stdout.decode()
