@@ -174,8 +174,12 @@ class TaskExecutor(ModularBase):
                 log.warning("task %s: %s", task.key, error, extra={"task_key": task.key})
         except (GfspError, httpx.HTTPError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-            level = logging.INFO if isinstance(exc, NotSealedYet) else logging.WARNING
-            log.log(level, "task %s failed: %s", task.key, error, extra={"task_key": task.key})
+            if isinstance(exc, NotSealedYet):  # the usual wait of a secondary: no failure
+                log.debug("task %s: %s; asked again later", task.key, exc,
+                          extra={"task_key": task.key})
+            else:
+                log.warning("task %s failed: %s", task.key, error,
+                            extra={"task_key": task.key})
         except Exception as exc:  # a bug or an error nobody mapped: this task fails (and is
             # retried by the manager), the worker and the node go on
             error = f"{type(exc).__name__}: {exc}"

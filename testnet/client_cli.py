@@ -50,9 +50,10 @@ import os
 import random
 import re
 import secrets
+import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
@@ -69,6 +70,7 @@ from testnet.manifest import Manifest, ManifestError, load_manifest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 DEFAULT_DIR = Path("testnet-data")
 KEY_NAME = "account.key"
 DEFAULT_TIMEOUT = 30.0
@@ -628,7 +630,8 @@ async def download_to_file(c: CliClient, bucket: str, name: str,
         await tmp.replace(out)
         return got
     finally:
-        await tmp.unlink(missing_ok=True)
+        with trio.CancelScope(shield=True):  # also when cancelled (SIGTERM)
+            await tmp.unlink(missing_ok=True)
 
 
 async def cmd_ls(args: argparse.Namespace, s: Settings) -> int:
@@ -857,6 +860,31 @@ def _no_sigpipe_noise() -> Iterator[None]:
         raise
 
 
+class Terminated(Exception):
+    """SIGTERM came: the command was cancelled (and cleaned up after itself)."""
+
+
+async def _until_sigterm(command: Callable[[argparse.Namespace, Settings], Awaitable[int]],
+                         args: argparse.Namespace, s: Settings) -> int:
+    """Run ``command``; SIGTERM (``timeout``, systemd, kill) cancels it, as Ctrl-C interrupts
+    it, so that its cleanup runs (a get leaves no partial file), then :class:`Terminated`."""
+    result: list[int] = []
+    async with trio.open_nursery() as nursery:
+        async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                task_status.started()
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+        await nursery.start(watch)
+        result.append(await command(args, s))
+        nursery.cancel_scope.cancel()
+    if not result:
+        raise Terminated()
+    return result[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     s: Settings | None = None
     label = "gfsp"
@@ -870,7 +898,10 @@ def main(argv: list[str] | None = None) -> int:
             s.chain_endpoint()  # a usage error first when there is no testnet or chain
             if args.command in PREPARE:
                 PREPARE[args.command](args, s)
-            return trio.run(COMMANDS[args.command], args, s)
+            return trio.run(_until_sigterm, COMMANDS[args.command], args, s)
+    except Terminated:
+        print(f"gfsp: {label}: terminated", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         return _report(label, KeyboardInterrupt(), s)
     except BaseExceptionGroup as group:  # a nursery's: report the error it stands for

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -384,6 +385,34 @@ async def test_put_get_ls_on_a_testnet(tmp_path: Path) -> None:
                            "lost.bin", cwd=work, check=False)
             assert r.returncode == EXIT_FAILED
             assert "SP unreachable" in one_error_line(r.stderr.decode())
+            assert sorted(p.name for p in work.iterdir()) == before  # no partial file
+            # found in review: SIGTERM (timeout, kill) left the hidden part file behind;
+            # an SP that takes the connection and never answers holds the get until then
+            async with trio.open_nursery() as held:
+                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                mute = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+                asked = trio.Event()
+
+                async def hold(stream: trio.SocketStream) -> None:
+                    asked.set()  # the part file is made before the request
+                    await trio.sleep_forever()
+
+                held.start_soon(trio.serve_listeners, hold, listeners)
+                cmd = [str(GFSP)] if GFSP.exists() else [sys.executable, "-m",
+                                                         "testnet.client_cli"]
+                proc = await trio.lowlevel.open_process(
+                    [*cmd, *tn, "--endpoint", mute, "get", "demo-bucket/dir/five.bin",
+                     "held.bin"], cwd=work, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                await asked.wait()
+                assert any(p.name.endswith(".gfsp-part") for p in work.iterdir())
+                proc.send_signal(signal.SIGTERM)
+                assert await proc.wait() == 128 + signal.SIGTERM
+                assert proc.stderr is not None
+                err = (await proc.stderr.receive_some()).decode()
+                assert "terminated" in err and "Traceback" not in err, err
+                held.cancel_scope.cancel()
             assert sorted(p.name for p in work.iterdir()) == before  # no partial file
             r = await gfsp(*tn, "--endpoint", dead, "ls", "demo-bucket", cwd=work, check=False)
             assert r.returncode == EXIT_FAILED
