@@ -26,6 +26,7 @@ from node.config import (
     NodeSection,
     P2PSection,
     load_config,
+    parse_config,
     render_config,
 )
 from node.crypto import create_keys
@@ -48,13 +49,22 @@ def cmd_init(args: argparse.Namespace) -> int:
     if config_path.exists():
         print(f"gfsp-node: {config_path} already exists; refusing to overwrite", file=sys.stderr)
         return EXIT_USAGE
-    folder.mkdir(parents=True, exist_ok=True)
     chain = (ChainSection(endpoint=args.chain) if args.chain
              else ChainSection(registry_file=REGISTRY_NAME))
     cfg = Config(node=NodeSection(name=args.name or folder.resolve().name),
                  p2p=dataclasses.replace(P2PSection(), listen=args.p2p_listen),
                  gater=dataclasses.replace(GaterSection(), listen=args.gater_listen),
                  chain=chain)
+    try:  # what run would refuse is refused now, before anything is written
+        parse_config(render_config(cfg), source=config_path)
+    except ConfigError as exc:
+        print(f"gfsp-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"gfsp-node: --dir {folder}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         keys = create_keys(folder / "keys", passphrase=args.seed)
     except KeyFileError as exc:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from node.errors import ConfigError
 from node.hostnames import parse_host
@@ -76,6 +77,17 @@ def _hosts_problem(values: list[str]) -> str | None:
 
 _MULTIADDR = re.compile(r"/(ip4|ip6|dns|dns4|dns6)/[^/\s]+/tcp/[0-9]{1,5}"
                         r"(/p2p/[1-9A-HJ-NP-Za-km-z]+)?")
+
+
+def _http_url_problem(value: str) -> str | None:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises for a port that is no number or out of range
+    except ValueError as exc:
+        return f"not a URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "expected an http(s)://HOST:PORT URL"
+    return None
 
 
 def _listen_multiaddr_problem(value: str) -> str | None:
@@ -234,7 +246,8 @@ class PieceStoreSection:
 
 @dataclass(frozen=True)
 class ChainSection:
-    endpoint: str = _f("http://127.0.0.1:26750", "devchain HTTP endpoint.")
+    endpoint: str = _f("http://127.0.0.1:26750", "devchain HTTP endpoint.",
+                       check=_http_url_problem)
     request_timeout: Seconds = _f(Seconds(5.0), "Deadline for one chain request.",
                                   lo=0.01, hi=600)
     height_refresh_interval: Seconds = _f(Seconds(1.0), "Seconds between height refreshes.",

@@ -640,6 +640,31 @@ async def test_a_second_node_on_one_data_folder_stops_at_once(node_dir: Path,
     assert (cfg.data_dir / LOCK_NAME).stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--gater-listen", "notahostport"], "gater.listen = 'notahostport'"),
+    (["--gater-listen", "127.0.0.1:99999"], "gater.listen = '127.0.0.1:99999'"),
+    (["--p2p-listen", "garbage"], "p2p.listen = 'garbage'"),
+    (["--chain", "notaurl"], "chain.endpoint = 'notaurl'"),
+])
+def test_init_refuses_what_run_would(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     argv: list[str], named: str) -> None:
+    """Found by a UX review: init wrote these, and run refused them (or failed on the
+    chain without naming chain.endpoint)."""
+    folder = tmp_path / "D"
+    assert cli.main(["init", "--dir", str(folder), *argv]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert named in line, line
+    assert not folder.exists()
+
+
+def test_init_into_a_file_is_a_usage_error(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "f").write_text("")
+    assert cli.main(["init", "--dir", str(tmp_path / "f")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"--dir {tmp_path / 'f'}" in line, line
+
+
 async def test_init_twice_exits_2(tmp_path: Path) -> None:
     folder = tmp_path / "D"
     with trio.fail_after(30):
