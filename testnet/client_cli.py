@@ -359,7 +359,7 @@ async def pick_primary(args: argparse.Namespace, s: Settings, c: CliClient) -> s
     choice = args.primary
     if choice is not None:
         index = choice.removeprefix("sp")
-        if index.isdigit():
+        if index.isascii() and index.isdigit():  # not "²": isdigit() alone takes it
             if manifest is None:
                 raise UsageError(f"--primary {choice}: an SP index needs a testnet manifest "
                                  "(give --testnet D, or the SP's operator address)")
@@ -529,6 +529,8 @@ def output_path(out: str | None, name: str) -> Path:
 
 
 def prepare_get(args: argparse.Namespace, s: Settings) -> None:
+    if args.out == "-" and sys.stdout is None:  # started with stdout closed (>&-)
+        raise UsageError("standard output is closed: give an output file")
     args.names = parse_target(args.target)
     args.byte_range = parse_range(args.range)
     args.out_path = None if args.out == "-" else output_path(args.out, args.names[1])
@@ -848,16 +850,26 @@ COMMANDS: dict[str, Any] = {"sps": cmd_sps, "mb": cmd_mb, "rb": cmd_rb, "put": c
                             "get": cmd_get, "ls": cmd_ls, "head": cmd_head, "rm": cmd_rm}
 
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+class OutputClosed(Exception):
+    """The reader of stdout went away (``gfsp get x - | head``): the reader's choice."""
+
+
 @contextlib.contextmanager
 def _no_sigpipe_noise() -> Iterator[None]:
-    """``gfsp get x - | head``: a closed stdout is the reader's choice, not an error."""
+    """A closed stdout ends the command quietly (exit 141, as a program killed by SIGPIPE):
+    no message, and no second error when Python flushes stdout at exit."""
     try:
         yield
-    except BrokenPipeError:
+    except (BrokenPipeError, BaseExceptionGroup) as exc:
+        if isinstance(exc, BaseExceptionGroup) and not isinstance(unwrap(exc), BrokenPipeError):
+            raise
         with contextlib.suppress(OSError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
-        raise
+        raise OutputClosed() from None
 
 
 class Terminated(Exception):
@@ -902,6 +914,8 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"gfsp: {label}: terminated", file=sys.stderr, flush=True)
         return EXIT_TERMINATED
+    except OutputClosed:
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return _report(label, KeyboardInterrupt(), s)
     except BaseExceptionGroup as group:  # a nursery's: report the error it stands for

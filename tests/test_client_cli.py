@@ -212,6 +212,8 @@ def test_missing_file_and_bad_names(tmp_path: Path, capsys: pytest.CaptureFixtur
     for dots in ("demo-bucket/..", "demo-bucket/."):  # found in review: a traceback, or a
         code, _, err = run_main(capsys, *common, "get", dots)  # rename onto the parent folder
         assert code == EXIT_USAGE and "name the output file" in one_error_line(err)
+    code, _, err = run_main(capsys, *common, "mb", "demo-bucket", "--primary", "sp\u00b2")
+    assert code == EXIT_USAGE and "--primary" in one_error_line(err)  # was a ValueError
     code, _, err = run_main(capsys, *common, "mb", "gfsp")
     assert code == EXIT_USAGE and "reserved" in one_error_line(err)
 
@@ -341,6 +343,17 @@ async def test_put_get_ls_on_a_testnet(tmp_path: Path) -> None:
             tail = await gfsp(*tn, "get", "demo-bucket/dir/five.bin", "-", "--range",
                               f"{5 * MiB - 3}-", cwd=work)
             assert tail.stdout == payload[-3:]
+            # found by a UX review: a reader that stops early ("| head") got "Broken pipe"
+            # and exit 1; now quiet, as a program killed by SIGPIPE
+            cmd = [str(GFSP)] if GFSP.exists() else [sys.executable, "-m", "testnet.client_cli"]
+            proc = await trio.lowlevel.open_process(
+                [*cmd, *tn, "get", "demo-bucket/dir/five.bin", "-"], cwd=work,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert proc.stdout is not None and proc.stderr is not None
+            assert await proc.stdout.receive_some(10)
+            await proc.stdout.aclose()
+            assert await proc.wait() == 128 + signal.SIGPIPE
+            assert await proc.stderr.receive_some() == b""
             whole = await gfsp(*tn, "get", "demo-bucket/small.txt", "-", cwd=work)
             assert whole.stdout == small.read_bytes()
 
