@@ -87,6 +87,11 @@ MAX_INT = 2**63 - 1
 MAX_ADDRS = 8
 MAX_STR = 256
 MAX_OBJECT_NAME = 1024
+#: Bucket names, the S3 rules Greenfield keeps: 3-63 of a-z 0-9 . -, starting and ending
+#: with a letter or digit, no ".." ".-" "-.", not an IPv4 address (a regular expression that
+#: the chain, the gater's schema and the client share).
+BUCKET_PATTERN = (r"^(?!\d{1,3}(\.\d{1,3}){3}$)(?!.*(\.\.|\.-|-\.))"
+                  r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 MAX_SHARDS = 64
 
 #: Every refusal code, with its HTTP status on the devchain.

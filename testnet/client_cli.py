@@ -61,7 +61,7 @@ from typing import Any, NoReturn
 import trio
 
 from node.chain import ChainUnavailable
-from node.chain_msgs import MAX_OBJECT_NAME, ChainError
+from node.chain_msgs import BUCKET_PATTERN, MAX_OBJECT_NAME, ChainError
 from node.crypto import PrivateKey, is_address, read_key_file, write_key_file
 from node.ec import integrity_hash
 from node.errors import GfspError, KeyFileError, unwrap
@@ -77,8 +77,8 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_SEAL_TIMEOUT = 300.0
 WRITE_BLOCK = 1 << 20
 SCHEME = "gfsp://"
-#: The chain's bucket names (testnet/devchain/state.py, modulars/gater/schemas.py).
-BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+#: The chain's bucket names (node.chain_msgs.BUCKET_PATTERN).
+BUCKET_RE = re.compile(BUCKET_PATTERN)
 #: Names the chain or the gater's path-style routes cannot serve.
 RESERVED_BUCKETS = frozenset({"by-id", "gfsp"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -98,7 +98,7 @@ class Failure(Exception):
 def check_bucket(name: str) -> str:
     if not BUCKET_RE.fullmatch(name):
         raise UsageError(f"invalid bucket name {name!r}: 3-63 of a-z 0-9 . - , starting and "
-                         "ending with a letter or digit")
+                         "ending with a letter or digit, no '..' '.-' '-.', not an IP address")
     if name in RESERVED_BUCKETS:
         raise UsageError(f"bucket name {name!r} is reserved")
     return name

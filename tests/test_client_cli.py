@@ -202,6 +202,9 @@ def test_missing_file_and_bad_names(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == EXIT_USAGE and "not a regular file" in one_error_line(err)
     code, _, err = run_main(capsys, *common, "get", "Bad_Bucket/x")
     assert code == EXIT_USAGE and "invalid bucket name" in one_error_line(err)
+    for name in ("a..b", "192.168.1.1"):  # found by a UX review: mb took them
+        code, _, err = run_main(capsys, *common, "mb", name)
+        assert code == EXIT_USAGE and "invalid bucket name" in one_error_line(err)
     code, _, err = run_main(capsys, *common, "get", "demo-bucket")
     assert code == EXIT_USAGE and "BUCKET/OBJECT" in one_error_line(err)
     code, _, err = run_main(capsys, *common, "get", "demo-bucket/x", "--range", "9-1")

@@ -230,6 +230,9 @@ async def test_bucket_and_object_refusals(env: Env) -> None:
         await env.refused(env.bucket_tx("docs"), "BUCKET_EXISTS")
         await env.refused(env.bucket_tx("Bad_Name"), "MALFORMED")
         await env.refused(env.bucket_tx("by-id"), "MALFORMED")
+        for name in ("a..b", "a.-b", "a-.b", "192.168.1.1"):  # S3's rules, as Greenfield's
+            await env.refused(env.bucket_tx(name), "MALFORMED")
+        await env.bucket("my.docs-1")
         await env.refused(env.object_tx("nothere", "x"), "BUCKET_NOT_FOUND")
         await env.object("docs", "x")
         await env.refused(env.object_tx("docs", "x"), "OBJECT_EXISTS")

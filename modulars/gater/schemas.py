@@ -13,11 +13,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from node.chain_msgs import MAX_INT, MAX_OBJECT_NAME, MAX_SHARDS
+from node.chain_msgs import BUCKET_PATTERN, MAX_INT, MAX_OBJECT_NAME, MAX_SHARDS
 from node.errors import ServiceError
 
-#: The chain's bucket names (testnet/devchain/state.py ``_BUCKET_RE``): 3-63 characters.
-BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 HEX32_PATTERN = r"^[0-9a-f]{64}$"
 ADDRESS_PATTERN = r"^0x[0-9a-f]{40}$"
 MAX_CONTENT_TYPE = 128
@@ -25,7 +23,8 @@ MAX_QUERY_STRING = 1024
 MAX_LIMIT = 100_000
 
 BUCKET: dict[str, Any] = {"type": "string", "pattern": BUCKET_PATTERN,
-                          "description": "3-63 of a-z 0-9 . - ; starts and ends alphanumeric"}
+                          "description": "3-63 of a-z 0-9 . - ; starts and ends alphanumeric; "
+                                         "no '..', '.-', '-.'; not an IPv4 address"}
 OBJECT_NAME: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_OBJECT_NAME,
                                "pattern": r"^[^\u0000-\u001f\u007f]+$",
                                "description": "1-1024 characters, no control characters"}

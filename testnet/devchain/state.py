@@ -31,6 +31,7 @@ from modulars.signer import integrity_payload
 from node.chain_msgs import (
     APPROVAL_CREATE_BUCKET,
     APPROVAL_CREATE_OBJECT,
+    BUCKET_PATTERN,
     SP_STATUSES,
     TX_CREATE_BUCKET,
     TX_CREATE_OBJECT,
@@ -111,9 +112,9 @@ MIGRATIONS: tuple[str, ...] = (
 PARAM_KEYS = ("segment_size", "data_shards", "parity_shards", "max_payload")
 DEFAULT_PARAMS = StorageParams(segment_size=16 * 1024 * 1024, data_shards=4, parity_shards=2,
                                max_payload=64 * 1024**3)
-#: Bucket names: 3..63 of a-z 0-9 . -, starting and ending alphanumeric ("by-id" is reserved:
-#: it would shadow the ``/objects/by-id/{id}`` route).
-_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+#: Bucket names: :data:`node.chain_msgs.BUCKET_PATTERN` ("by-id" is reserved: it would shadow
+#: the ``/objects/by-id/{id}`` route).
+_BUCKET_RE = re.compile(BUCKET_PATTERN)
 RESERVED_BUCKETS = frozenset({"by-id"})
 MAX_LIST = 1000
 
