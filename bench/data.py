@@ -459,8 +459,9 @@ class Bench:
         if self.pyspy is None:
             return None
         rate = os.environ.get("PY_SPY_RATE", "200")
-        return subprocess.Popen([self.pyspy[0], "record", "-p", str(pid), "-d", "600", "-r",
-                                 rate, "-f", "raw", "-o", str(out), "--nonblocking"],
+        return subprocess.Popen([self.pyspy[0], "record", "-p", str(pid), "-d", "600",
+                                 "--threads", "-r", rate, "-f", "raw", "-o", str(out),
+                                 "--nonblocking"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     @staticmethod
