@@ -840,7 +840,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_logs)
 
     for name, func, text in (("down", cmd_down, "stop every process (by pid file)"),
-                             ("clean", cmd_clean, "down, then remove the testnet folder")):
+                             ("clean", cmd_clean, "down, then remove what the testnet made "
+                              "(account.key and files of yours stay)")):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("--grace", type=_SECONDS, default=DEFAULT_GRACE,
                        help="seconds between SIGTERM and SIGKILL (default %(default)s)")

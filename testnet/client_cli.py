@@ -755,8 +755,8 @@ def what(args: argparse.Namespace) -> str:
         return f"account {args.action}"
     for attr in ("target", "bucket"):
         value = getattr(args, attr, None)
-        if value:
-            return f"{cmd} {value}"
+        if value:  # control characters shown escaped: the error stays one line
+            return f"{cmd} " + _CONTROL.sub(lambda m: repr(m.group())[1:-1], value)
     return cmd
 
 
@@ -820,7 +820,8 @@ def build_parser() -> Parser:
     p.add_argument("bucket", metavar="BUCKET")
     p.add_argument("--primary", metavar="OPERATOR|INDEX",
                    help="the primary SP: an operator address or the testnet's SP index "
-                        "(default sp0)")
+                        "(default: the SP of --endpoint, else the testnet's sp0, else, with "
+                        "--chain alone, a random SP in service)")
     p = add("rb", "remove an empty bucket")
     p.add_argument("bucket", metavar="BUCKET")
     p = add("put", "upload a file: approve, create on chain, upload, wait until sealed")

@@ -202,6 +202,10 @@ def test_missing_file_and_bad_names(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == EXIT_USAGE and "not a regular file" in one_error_line(err)
     code, _, err = run_main(capsys, *common, "get", "Bad_Bucket/x")
     assert code == EXIT_USAGE and "invalid bucket name" in one_error_line(err)
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x")
+    code, _, err = run_main(capsys, *common, "put", str(src), "demo-bucket/a\nb")
+    assert code == EXIT_USAGE and "control characters" in one_error_line(err)  # one line
     for name in ("a..b", "192.168.1.1"):  # found by a UX review: mb took them
         code, _, err = run_main(capsys, *common, "mb", name)
         assert code == EXIT_USAGE and "invalid bucket name" in one_error_line(err)
