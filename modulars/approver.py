@@ -110,9 +110,9 @@ class Approver(ModularBase):
                   message: dict[str, Any]) -> None:
         self._recent[task.key] = (trio.current_time(), message, task.approver_signature)
 
-    async def _expiry(self, blocks: int) -> int:
+    async def _height(self) -> int:
         try:
-            return await self.chain.current_height() + blocks
+            return await self.chain.current_height()
         except ChainUnavailable as exc:
             raise ServiceUnavailable(f"chain unavailable: {exc.reason}") from None
 
@@ -148,10 +148,9 @@ class Approver(ModularBase):
             raise
 
     async def handle_create_bucket_approval_task(self, task: CreateBucketApprovalTask) -> bool:
-        expiry = await self._expiry(self.cfg.bucket_approval_blocks)
-        if not self._repeat(task, self._bucket_approval(task),
-                            expiry - self.cfg.bucket_approval_blocks):
-            task.expiry_height = expiry
+        height = await self._height()
+        if not self._repeat(task, self._bucket_approval(task), height):
+            task.expiry_height = height + self.cfg.bucket_approval_blocks
             message = self._bucket_approval(task)
             task.approver_signature = self.ctx.modulars.signer.sign_create_bucket_approval(
                 message)
@@ -197,11 +196,10 @@ class Approver(ModularBase):
         self._check_duplicate(task)
 
     async def handle_create_object_approval_task(self, task: CreateObjectApprovalTask) -> bool:
-        expiry = await self._expiry(self.cfg.object_approval_blocks)
-        if self._repeat(task, self._object_approval(task),
-                        expiry - self.cfg.object_approval_blocks):
+        height = await self._height()
+        if self._repeat(task, self._object_approval(task), height):
             return True
-        task.expiry_height = expiry
+        task.expiry_height = height + self.cfg.object_approval_blocks
         message = self._object_approval(task)
         task.approver_signature = self.ctx.modulars.signer.sign_create_object_approval(message)
         self._remember(task, message)
