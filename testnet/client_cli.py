@@ -519,8 +519,7 @@ def output_path(out: str | None, name: str) -> Path:
         if base in ("", ".", ".."):
             raise UsageError(f"the object name {name!r} gives no file name: name the output "
                              "file (gfsp get BUCKET/OBJECT OUT)")
-        path = base if path is None else path / base
-        path = Path(path)
+        path = Path(base) if path is None else path / base
     if path.is_symlink():
         path = path.resolve()
     if not path.parent.is_dir():
