@@ -3,8 +3,9 @@
 - Under systemd (``$JOURNAL_STREAM`` names our stderr): records go to journald over its native
   protocol (``/run/systemd/journal/socket``, one datagram of ``KEY=VALUE`` fields per record)
   with ``MESSAGE``, ``PRIORITY``, ``SYSLOG_IDENTIFIER=gfsp-node``, ``LOGGER``, ``NODE_NAME`` and,
-  when the record carries them (``extra={"modular": ..., "task_key": ...}``), ``MODULAR`` and
-  ``TASK_KEY``, so ``journalctl -u gfsp-node MODULAR=executor`` works. If that socket is missing,
+  ``MODULAR`` (from ``extra={"modular": ...}``, else from the logger: ``gfsp.p2p.discovery``
+  is the p2p modular's) and, when the record carries it, ``TASK_KEY``, so
+  ``journalctl -u gfsp-node MODULAR=executor`` works. If that socket is missing,
   plain ``<priority>``-prefixed lines go to stderr (which journald reads as a stream).
 - On a terminal: readable lines. Otherwise (a file, a pipe): one JSON object per line.
 
@@ -26,13 +27,34 @@ import time
 from collections.abc import Mapping
 from typing import TextIO
 
+from node.registry import CANONICAL_ORDER
+
 # Third-party loggers that are noisy at INFO (py-libp2p logs redial warnings: P2P-NOTES #10).
 QUIET_LOGGERS = ("libp2p", "multiaddr", "hypercorn.access", "httpx", "httpcore")
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "gfsp-node"
-#: Record attributes (``extra=``) that become journal fields / JSON keys.
-EXTRA_FIELDS = ("modular", "task_key")
+def modular_of(record: logging.LogRecord) -> str | None:
+    """The modular a record is about: its ``modular`` extra, else the one its logger belongs
+    to (``gfsp.<modular>[.<part>]``), else None."""
+    given = getattr(record, "modular", None)
+    if given is not None:
+        return str(given)
+    parts = record.name.split(".", 2)
+    if len(parts) > 1 and parts[0] == "gfsp" and parts[1] in CANONICAL_ORDER:
+        return parts[1]
+    return None
+
+
+def _extras(record: logging.LogRecord) -> dict[str, str]:
+    out = {}
+    modular = modular_of(record)
+    if modular is not None:
+        out["modular"] = modular
+    task_key = getattr(record, "task_key", None)
+    if task_key is not None:
+        out["task_key"] = str(task_key)
+    return out
 
 
 def syslog_priority(levelno: int) -> int:
@@ -56,9 +78,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for extra in EXTRA_FIELDS:
-            if hasattr(record, extra):
-                out[extra] = getattr(record, extra)
+        out.update(_extras(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
@@ -90,10 +110,8 @@ class JournalFormatter(logging.Formatter):
                "CODE_FUNC": record.funcName}
         if self.node_name:
             out["NODE_NAME"] = self.node_name
-        for extra in EXTRA_FIELDS:
-            value = getattr(record, extra, None)
-            if value is not None:
-                out[extra.upper()] = str(value)
+        for name, value in _extras(record).items():
+            out[name.upper()] = value
         return out
 
     def encode(self, record: logging.LogRecord) -> bytes:

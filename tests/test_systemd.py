@@ -357,6 +357,14 @@ def test_journal_handler_sends_native_fields(journal_socket) -> None:
         fields = parse_journal(sock.recv(65536))
         assert fields["PRIORITY"] == "6" and "MODULAR" not in fields and "TASK_KEY" not in fields
 
+        # found in review: no code set the modular extra, so MODULAR=p2p matched nothing;
+        # a modular's own logger (gfsp.<modular>[.<part>]) names it
+        for name, modular in (("gfsp.p2p.discovery", "p2p"), ("gfsp.executor", "executor"),
+                              ("gfsp.chain", None)):
+            handler.handle(logging.LogRecord(name, logging.INFO, __file__, 1, "m", (), None))
+            fields = parse_journal(sock.recv(65536))
+            assert fields.get("MODULAR") == modular, (name, fields)
+
         try:
             raise ValueError("bad piece")
         except ValueError:
