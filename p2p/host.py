@@ -68,6 +68,7 @@ from libp2p.transport.tcp import tcp as libp2p_tcp
 from node.crypto import PrivateKey
 from node.errors import GfspError
 from p2p import multistream
+from p2p.peers import unspecified
 
 __all__ = [
     "FrameTooLarge",
@@ -677,13 +678,16 @@ class P2PHost:
 
     @property
     def listen_addrs(self) -> list[str]:
-        """Full multiaddrs we listen on (real bound ports), each ending in ``/p2p/<id>``.
+        """Full multiaddrs we listen on (real bound ports), each ending in ``/p2p/<id>``, but
+        for those on 0.0.0.0 or :: (no peer can dial them: with only those, peers use this
+        SP's addresses in the SP registry).
 
         Fixed once listening (every ping and pong carries them; rebuilding them cost ~0.1 ms).
         """
         if not self._listen_addrs:
             self._listen_addrs = [f"{addr}/p2p/{self.peer_id}"
-                                  for addr in self._host.get_transport_addrs()]
+                                  for addr in self._host.get_transport_addrs()
+                                  if not unspecified(str(addr))]
         return list(self._listen_addrs)
 
     # connections

@@ -90,7 +90,9 @@ class P2PModular(ModularBase):
                 host=host, table=self.table, registry=registry, signer=signer, config=self.cfg,
                 operator=operator, guard=guard, decide=self._decide,
                 endpoint=self._own_endpoint)
-            log.info("p2p listening on %s as %s", ", ".join(host.listen_addrs), host.peer_id)
+            log.info("p2p listening on %s as %s", ", ".join(host.listen_addrs)
+                     or f"{self.cfg.listen} (peers dial the addresses in the SP registry)",
+                     host.peer_id)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.discovery.run)
                 task_status.started()

@@ -7,6 +7,7 @@ pongs in a row; re-probed now and then, trusted again when it answers).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sqlite3
 import time
@@ -15,6 +16,23 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from node.db import SPDB
+
+
+def unspecified(addr: str) -> bool:
+    """Whether a multiaddr's IP is 0.0.0.0 or :: (a listen address: no peer can dial it;
+    on one machine it happens to reach the dialer itself)."""
+    parts = addr.split("/", 3)
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return False
+    try:
+        return ipaddress.ip_address(parts[2]).is_unspecified
+    except ValueError:
+        return False
+
+
+def dialable(addrs: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``addrs`` without the :func:`unspecified` ones."""
+    return tuple(a for a in addrs if not unspecified(a))
 
 CANDIDATE, TRUSTED, EVICTED = "candidate", "trusted", "evicted"
 
@@ -121,7 +139,8 @@ class PeerTable:
                          rtt: float | None = None, *, pinged_us: bool = False) -> PeerRecord:
         old = self._peers.get(peer_id) or PeerRecord(peer_id)
         now = time.time()
-        rec = replace(old, operator=operator, addrs=addrs or old.addrs, state=TRUSTED, missed=0,
+        rec = replace(old, operator=operator, addrs=dialable(addrs) or old.addrs,
+                      state=TRUSTED, missed=0,
                       last_seen=now, pinged_us_at=now if pinged_us else old.pinged_us_at)
         if rtt is not None:
             self.rtts[peer_id] = rtt

@@ -8,7 +8,7 @@ import sqlite3
 import trio
 
 from node.db import open_spdb
-from p2p.peers import CANDIDATE, TRUSTED, PeerRecord, PeerTable
+from p2p.peers import CANDIDATE, TRUSTED, PeerRecord, PeerTable, unspecified
 
 
 def _rows(path) -> dict[str, str]:
@@ -66,3 +66,17 @@ async def test_full_table_refuses_new_peers_but_updates_known_ones(tmp_path, aut
         assert not await table.put(PeerRecord("c"))
         assert await table.put(PeerRecord("a", state=TRUSTED))
         assert {p.peer_id for p in table.all()} == {"a", "b"}
+
+
+async def test_unspecified_addrs_are_never_stored(tmp_path, autojump_clock):
+    """Found in review: a node listening on 0.0.0.0 announced /ip4/0.0.0.0/... and its peers
+    stored that over the registry's address (on one machine it dials the dialer itself)."""
+    assert unspecified("/ip4/0.0.0.0/tcp/9044/p2p/x") and unspecified("/ip6/::/tcp/1")
+    assert not unspecified("/ip4/10.0.0.5/tcp/9044") and not unspecified("/dns4/sp/tcp/1")
+    async with open_spdb(tmp_path / "spdb.sqlite") as db:
+        table = PeerTable(db, self_peer_id="me", max_peers=8)
+        await table.put(PeerRecord("a", "0xa", ("/ip4/10.0.0.5/tcp/9044",)))
+        rec = await table.mark_alive("a", "0xa", ("/ip4/0.0.0.0/tcp/9044/p2p/a",))
+        assert rec.addrs == ("/ip4/10.0.0.5/tcp/9044",)
+        rec = await table.mark_alive("a", "0xa", ("/ip6/::/tcp/1", "/ip4/10.0.0.6/tcp/1"))
+        assert rec.addrs == ("/ip4/10.0.0.6/tcp/1",)
