@@ -173,6 +173,7 @@ class Node:
                     await self._start_all(nursery, ctx, modulars)
                     self.admin_endpoint = await nursery.start(admin.serve, self.metrics)
                     log.info("node %s ready: %s", self.config.node.name, ", ".join(self.order))
+                    await self._check_registered(ctx)
                     self._notify("READY=1")
                     task_status.started()
                     if self.notifier.watchdog_interval:
@@ -189,6 +190,21 @@ class Node:
             if self.ctx is not None:
                 for name in self.ctx.modulars.running():
                     self.ctx.modulars.mark_stopped(name)
+
+    async def _check_registered(self, ctx: NodeContext) -> None:
+        """Warn when the chain does not list this SP: no client or SP can find it then."""
+        if ctx.chain is None:
+            return
+        operator = ctx.keys.operator.address
+        try:
+            sp = await ctx.chain.sp_by_operator(operator)
+        except ChainError as exc:
+            log.warning("cannot tell whether SP %s is registered on the chain: %s", operator, exc)
+            return
+        if sp is None:
+            log.warning("SP %s is not registered on the chain at %s: clients and other SPs "
+                        "cannot find it; run 'gfsp-node register --config <this config>'",
+                        operator, self.config.chain.endpoint)
 
     async def _start_all(self, nursery: trio.Nursery, ctx: NodeContext,
                          modulars: Mapping[str, Modular]) -> None:

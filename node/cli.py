@@ -8,33 +8,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
 
 from node.admin import STATUS_PATH, read_admin_url
-from node.app import ModularFailed, Node
+from node.app import ModularFailed, Node, load_node_keys
+from node.chain import DevChainClient
+from node.chain_msgs import ChainError
 from node.config import (
     ChainSection,
     Config,
     GaterSection,
     NodeSection,
     P2PSection,
+    dial_multiaddr_problem,
     load_config,
     parse_config,
     render_config,
 )
-from node.crypto import create_keys
+from node.crypto import KeySet, create_keys
 from node.errors import ConfigError, DBError, KeyFileError, ModularStartError
+from node.hostnames import endpoint_name
 from node.lockfile import DataDirLocked
 from node.log import setup_logging
 from node.malloc import release_large_buffers
-from node.spregistry import StaticSPRegistry, sp_info_of
+from node.spregistry import StaticSPRegistry, registration_tx, sp_info_of
+from p2p.peers import unspecified
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 CONFIG_NAME = "config.toml"
@@ -104,6 +112,71 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     log.info("stopped")
+    return EXIT_OK
+
+
+def _wildcard_or_zero(host: str, port: str) -> bool:
+    """Whether HOST:PORT is no address a peer or client can reach (0.0.0.0, ::, port 0)."""
+    try:
+        wildcard = ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        wildcard = False
+    return wildcard or port == "0"
+
+
+def registration_of(args: argparse.Namespace, cfg: Config) -> tuple[str, list[str]]:
+    """(endpoint, p2p addresses) to register: the options, else the listen addresses when
+    others can reach them; ConfigError naming the option otherwise."""
+    endpoint = args.endpoint
+    if endpoint is None:
+        host, _, port = cfg.gater.listen.rpartition(":")
+        if _wildcard_or_zero(host, port):
+            raise ConfigError(f"gater.listen = {cfg.gater.listen!r} is no address clients can "
+                              "reach: give --endpoint http(s)://HOST:PORT")
+        endpoint = f"http://{cfg.gater.listen}"
+    elif endpoint_name(endpoint) is None or not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"--endpoint {endpoint!r}: expected http(s)://HOST:PORT")
+    addrs = args.p2p_addr or []
+    if not addrs:
+        parts = cfg.p2p.listen.split("/")  # /ip4/HOST/tcp/PORT
+        if _wildcard_or_zero(parts[2], parts[4]):
+            raise ConfigError(f"p2p.listen = {cfg.p2p.listen!r} is no address peers can dial: "
+                              "give --p2p-addr /ip4/HOST/tcp/PORT (or /dns4/NAME/tcp/PORT)")
+        addrs = [cfg.p2p.listen]
+    for addr in addrs:
+        if dial_multiaddr_problem(addr) or unspecified(addr):
+            raise ConfigError(f"--p2p-addr {addr!r}: expected a dialable multiaddr like "
+                              "/ip4/203.0.113.7/tcp/9044")
+    return endpoint, addrs
+
+
+async def _register(cfg: Config, keys: KeySet, endpoint: str, addrs: list[str]
+                    ) -> dict[str, Any]:
+    async with DevChainClient.from_config(cfg.chain) as chain:
+        seq = await chain.account_seq(keys.operator.address)
+        return await chain.broadcast(registration_tx(keys, endpoint=endpoint, p2p_addrs=addrs,
+                                                     seq=seq))
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register this SP on the chain (or update its endpoint and addresses)."""
+    try:
+        cfg = load_config(args.config)
+        if cfg.chain.registry_file:
+            raise ConfigError(f"{args.config}: chain.registry_file is set: this node uses a "
+                              "static SP registry, not a chain (set [chain] endpoint)")
+        endpoint, addrs = registration_of(args, cfg)
+        keys = load_node_keys(cfg, os.environ)
+    except (ConfigError, KeyFileError) as exc:
+        print(f"gfsp-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        trio.run(_register, cfg, keys, endpoint, addrs)
+    except ChainError as exc:
+        print(f"gfsp-node: register at {cfg.chain.endpoint}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"registered SP {keys.operator.address} on {cfg.chain.endpoint}: endpoint "
+          f"{endpoint}, p2p {', '.join(addrs)}")
     return EXIT_OK
 
 
@@ -241,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True, help="the node's config.toml")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("register", help="register this SP on the chain (or update its "
+                       "endpoint and p2p addresses); signed by the operator key")
+    p.add_argument("--config", type=Path, required=True, help="the node's config.toml")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="the HTTP endpoint clients and SPs use (default: http://<gater.listen>)")
+    p.add_argument("--p2p-addr", action="append", metavar="MULTIADDR",
+                   help="a p2p address peers dial (repeatable; default: p2p.listen)")
+    p.set_defaults(func=cmd_register)
     p = sub.add_parser("status", help="show a running node's modulars, limiter, queues, peers")
     p.add_argument("--config", type=Path, required=True, help="the node's config.toml")
     p.add_argument("--timeout", type=number_arg(float, 0, above=True), default=STATUS_TIMEOUT,

@@ -90,6 +90,13 @@ def _http_url_problem(value: str) -> str | None:
     return None
 
 
+def dial_multiaddr_problem(value: str) -> str | None:
+    """Why ``value`` is no multiaddr a peer could dial (TCP over an IP or a DNS name)."""
+    if not _MULTIADDR.fullmatch(value):
+        return "expected a multiaddr like /ip4/203.0.113.7/tcp/9044 or /dns4/NAME/tcp/9044"
+    return None
+
+
 def _listen_multiaddr_problem(value: str) -> str | None:
     if not _MULTIADDR.fullmatch(value) or not value.startswith(("/ip4/", "/ip6/")):
         return "expected a multiaddr like /ip4/0.0.0.0/tcp/9044"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,6 +64,19 @@ def sp_info_of(keys: KeySet, *, endpoint: str, p2p_addrs: tuple[str, ...] = (),
                   p2p_addrs=p2p_addrs, operator_key=keys.operator.public_key,
                   approval_key=keys.approval.public_key, seal_key=keys.seal.public_key,
                   gc_key=keys.gc.public_key)
+
+
+def registration_tx(keys: KeySet, *, endpoint: str, p2p_addrs: Sequence[str], seq: int
+                    ) -> dict[str, Any]:
+    """The register_sp transaction (register or update) of the SP holding ``keys``, signed by
+    its operator key: what ``gfsp-node register`` and ``gfsp-testnet up`` send."""
+    from node import chain_msgs
+
+    info = sp_info_of(keys, endpoint=endpoint, p2p_addrs=tuple(p2p_addrs))
+    return chain_msgs.sign(keys.operator, chain_msgs.register_sp_tx(
+        pubkey=keys.operator.public_key, seq=seq, endpoint=endpoint, peer_id=info.peer_id,
+        p2p_addrs=list(p2p_addrs), approval_key=info.approval_key, seal_key=info.seal_key,
+        gc_key=info.gc_key))
 
 
 class SPRegistry(Protocol):

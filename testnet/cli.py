@@ -44,7 +44,6 @@ from typing import Any
 
 import trio
 
-from node import chain_msgs
 from node.chain import DevChainClient
 from node.cli import number_arg
 from node.config import (
@@ -58,7 +57,7 @@ from node.config import (
 )
 from node.crypto import KeySet, create_keys, load_keys
 from node.errors import ConfigError, GfspError
-from node.spregistry import sp_info_of
+from node.spregistry import registration_tx, sp_info_of
 from testnet.manifest import (
     CHAIN_DIR,
     DEFAULT_SEGMENT_SIZE,
@@ -377,11 +376,8 @@ async def register_sps(m: Manifest) -> None:
         for n in m.nodes:
             keys = load_keys(n.dir / "keys")
             seq = await client.account_seq(keys.operator.address)
-            info = sp_info_of(keys, endpoint=n.endpoint, p2p_addrs=(n.p2p_addr,))
-            await client.broadcast(chain_msgs.sign(keys.operator, chain_msgs.register_sp_tx(
-                pubkey=keys.operator.public_key, seq=seq, endpoint=n.endpoint,
-                peer_id=info.peer_id, p2p_addrs=[n.p2p_addr], approval_key=info.approval_key,
-                seal_key=info.seal_key, gc_key=info.gc_key)))
+            await client.broadcast(registration_tx(keys, endpoint=n.endpoint,
+                                                   p2p_addrs=[n.p2p_addr], seq=seq))
 
 
 def notify_name(n: NodeEntry) -> str:

@@ -677,3 +677,48 @@ async def test_init_twice_exits_2(tmp_path: Path) -> None:
     (line,) = _gfsp_lines(second.stderr)
     assert "already exists" in line
     assert (folder / "keys" / "operator.key").read_text() == key_before
+
+
+async def test_register_puts_the_sp_on_the_chain(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Found by an operator review: nothing but gfsp-testnet could register an SP, so a node
+    set up by the README's steps was invisible to clients and other SPs."""
+    from node.chain import DevChainClient
+    from testnet.devchain import DevChain
+    from tests.p2pnet import free_port
+
+    with trio.fail_after(60):
+        endpoint = await nursery.start(DevChain(tmp_path / "chain", block_interval=0.2).serve)
+        folder = tmp_path / "solo"
+        gater, p2p = f"127.0.0.1:{free_port()}", f"/ip4/127.0.0.1/tcp/{free_port()}"
+        made = await _gfsp("init", "--dir", str(folder), "--chain", endpoint, "--gater-listen",
+                           gater, "--p2p-listen", p2p, cwd=tmp_path)
+        assert made.returncode == 0, made.stderr
+        config = str(folder / "config.toml")
+        operator = load_keys(folder / "keys").operator.address
+        done = await _gfsp("register", "--config", config, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert operator in done.stdout.decode()
+        async with DevChainClient(endpoint) as chain:
+            sp = await chain.get_sp(operator)
+            assert sp is not None and (sp.endpoint, sp.p2p_addrs) == (f"http://{gater}", (p2p,))
+            # again with other names: the entry is updated
+            moved = await _gfsp("register", "--config", config, "--endpoint",
+                                "https://sp.example", "--p2p-addr", "/dns4/sp.example/tcp/9044",
+                                cwd=tmp_path)
+            assert moved.returncode == 0, moved.stderr
+            sp = await chain.get_sp(operator)
+            assert sp is not None and sp.endpoint == "https://sp.example"
+            assert sp.p2p_addrs == ("/dns4/sp.example/tcp/9044",)
+        for argv, named in ((["--endpoint", "sp.example"], "--endpoint"),
+                            (["--p2p-addr", "/ip4/0.0.0.0/tcp/1"], "--p2p-addr"),
+                            (["--p2p-addr", "junk"], "--p2p-addr")):
+            bad = await _gfsp("register", "--config", config, *argv, cwd=tmp_path)
+            assert bad.returncode == 2
+            (line,) = _gfsp_lines(bad.stderr)
+            assert named in line, line
+        text = (folder / "config.toml").read_text().replace(f'"{gater}"', '"0.0.0.0:9033"')
+        (folder / "config.toml").write_text(text)
+        bad = await _gfsp("register", "--config", config, cwd=tmp_path)
+        assert bad.returncode == 2
+        (line,) = _gfsp_lines(bad.stderr)
+        assert "gater.listen" in line and "--endpoint" in line, line
