@@ -149,6 +149,8 @@ class P2PSection:
     request_timeout: Seconds = _f(Seconds(5.0), "Deadline for one approval request/response.",
                                   lo=0.01, hi=600)
     evict_after: int = _f(3, "Missed pongs in a row before a peer is evicted.", lo=1, hi=1000)
+    rtt_every: int = _f(10, "Periods after which a peer that keeps pinging us is pinged anyway "
+                            "(its ping RTT measured again).", lo=1, hi=1000)
     max_clock_skew: Seconds = _f(Seconds(30.0), "Allowed difference of a message's timestamp.",
                                  lo=1, hi=3600)
     max_peers: int = _f(256, "Most peers kept in the peer table.", lo=1, hi=100_000)

@@ -82,6 +82,8 @@ class Discovery:
             full = known is None or known.state != TRUSTED
             await stream.write_frame(encode(self._pong(ping, full=full)), last=True)
             await stream.close()
+        if known is not None and known.state != TRUSTED:  # as when our own ping finds it
+            log.info("peer %s (%s) is alive (it pinged us)", ping.peer_id, ping.operator)
         await self.table.mark_alive(ping.peer_id, ping.operator, ping.addrs, pinged_us=True)
 
     def _pong(self, ping: Ping, *, full: bool = True) -> Pong:
@@ -261,16 +263,20 @@ class Discovery:
         """Ping every known peer once, together (at most ``max_concurrent_pings`` at a time).
 
         A trusted peer whose valid ping reached us less than 0.9 periods ago is skipped: that
-        exchange already proved both sides alive (it halves the pings of a full mesh). Evicted
-        peers are re-probed every ``evict_after`` rounds.
+        exchange already proved both sides alive (it halves the pings of a full mesh), unless
+        we last measured its RTT ``rtt_every`` periods ago or more (only a ping of ours
+        measures it). Evicted peers are re-probed every ``evict_after`` rounds.
         """
         reprobe = self.rounds % self.cfg.evict_after == 0
-        fresh_after = time.time() - 0.9 * self.cfg.ping_interval
+        now = time.time()
+        fresh_after = now - 0.9 * self.cfg.ping_interval
+        rtt_after = now - self.cfg.rtt_every * self.cfg.ping_interval
         async with trio.open_nursery() as nursery:
             for rec in self.table.all():
                 if rec.state == EVICTED and not reprobe:
                     continue
-                if rec.state == TRUSTED and rec.pinged_us_at > fresh_after:
+                if (rec.state == TRUSTED and rec.pinged_us_at > fresh_after
+                        and self.table.rtt_at.get(rec.peer_id, 0.0) > rtt_after):
                     continue
                 nursery.start_soon(self.ping_peer, rec.peer_id)
         self.rounds += 1

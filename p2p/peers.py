@@ -61,6 +61,7 @@ class PeerTable:
         self._dirty: set[str] = set()
         self._state_changed = trio.Event()
         self.rtts: dict[str, float] = {}
+        self.rtt_at: dict[str, float] = {}  # peer id -> when (unix s) its RTT was measured
 
     async def load(self) -> None:
         def read(conn: sqlite3.Connection) -> list[PeerRecord]:
@@ -132,8 +133,12 @@ class PeerTable:
     async def remove(self, peer_id: str) -> None:
         self._peers.pop(peer_id, None)
         self._dirty.discard(peer_id)
-        self.rtts.pop(peer_id, None)
+        self._forget_rtt(peer_id)
         await self._db.run(lambda c: c.execute("DELETE FROM peers WHERE peer_id = ?", (peer_id,)))
+
+    def _forget_rtt(self, peer_id: str) -> None:
+        self.rtts.pop(peer_id, None)
+        self.rtt_at.pop(peer_id, None)
 
     async def mark_alive(self, peer_id: str, operator: str, addrs: tuple[str, ...],
                          rtt: float | None = None, *, pinged_us: bool = False) -> PeerRecord:
@@ -144,6 +149,7 @@ class PeerTable:
                       last_seen=now, pinged_us_at=now if pinged_us else old.pinged_us_at)
         if rtt is not None:
             self.rtts[peer_id] = rtt
+            self.rtt_at[peer_id] = now
         await self.put(rec)
         return rec
 
@@ -163,6 +169,6 @@ class PeerTable:
         state = EVICTED if missed >= evict_after and old.state != CANDIDATE else old.state
         rec = replace(old, missed=missed, state=state)
         if state == EVICTED:
-            self.rtts.pop(peer_id, None)
+            self._forget_rtt(peer_id)
         await self.put(rec)
         return rec

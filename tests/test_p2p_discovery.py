@@ -203,3 +203,23 @@ async def test_a_peer_address_that_fails_to_decode_never_stops_the_node(tmp_path
             assert node.p2p.table.get(third.peer_id).missed >= 1
             assert await node.p2p.discovery.ping_peer(other.sp.peer_id) is True
         nursery.cancel_scope.cancel()
+
+
+async def test_every_node_measures_every_peers_rtt_again(tmp_path):
+    """Found by an operator review: a peer that pinged us first was never pinged by us (the
+    halving of a full mesh's pings), so half the gfsp_p2p_ping_rtt_seconds series were
+    missing and the others frozen at their first value."""
+    sps = make_sps(tmp_path, 3, p2p={"ping_interval": 0.3, "rtt_every": 2})
+    everyone = {sp.peer_id for sp in sps}
+    async with trio.open_nursery() as nursery:
+        nodes = await start_nodes(nursery, sps)
+        with trio.fail_after(20):
+            def measured() -> bool:
+                return all(set(n.p2p.table.rtt_at) == everyone - {n.sp.peer_id} for n in nodes)
+
+            await wait_until(measured)
+            first = [dict(n.p2p.table.rtt_at) for n in nodes]
+            await wait_until(lambda: all(
+                all(n.p2p.table.rtt_at[p] > seen[p] for p in seen)
+                for n, seen in zip(nodes, first, strict=True)))
+        nursery.cancel_scope.cancel()
