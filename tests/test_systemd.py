@@ -148,6 +148,13 @@ def test_exec_start_pre_creates_keys_only_if_missing(tmp_path: Path, name: str) 
     second = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert second.returncode == 0, second.stderr
     assert {p.name: p.read_bytes() for p in keys_dir.iterdir()} == before
+    # keys removed (to make new ones), the sample config left: new keys (found by an
+    # operator review: init refused, the config being there, and the unit could not start)
+    shutil.rmtree(keys_dir)
+    third = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert third.returncode == 0, third.stderr
+    assert {p.name for p in keys_dir.iterdir()} == set(before)
+    assert {p.name: p.read_bytes() for p in keys_dir.iterdir()} != before
 
 
 # --- the daemon under a test NOTIFY_SOCKET ----------------------------------------------------
