@@ -31,7 +31,7 @@ from node.chain import ChainError, DevChainClient
 from node.config import Config, LimitValues
 from node.crypto import KeySet, load_keys
 from node.db import open_spdb
-from node.errors import GfspError, ModularStartError, describe, unwrap
+from node.errors import ConfigError, GfspError, ModularStartError, describe, unwrap
 from node.lockfile import data_dir_lock
 from node.metrics import NodeMetrics
 from node.modular import Modular, Modulars, NodeContext
@@ -122,7 +122,11 @@ class Node:
     async def _context(self):  # type: ignore[no-untyped-def]
         """Shared services: keys, limiter, SPDB, and the chain (or a static SP registry)."""
         cfg = self.config
-        cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # user objects
+        try:
+            cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # user objects
+        except OSError as exc:  # a path that cannot be: the config's fault (exit 2)
+            raise ConfigError(f"node.data_dir = '{cfg.data_dir}': cannot create it: "
+                              f"{exc.strerror or exc}") from None
         keys = load_node_keys(cfg, self.env)
         limiter = build_limiter(cfg)
         static = load_sp_registry(cfg)

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -210,7 +211,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"gfsp-node: node {cfg.node.name!r} is not reachable at {url}: "
               f"{str(exc) or type(exc).__name__}", file=sys.stderr)
         return EXIT_FAILED
-    print(format_status(doc))
+    try:
+        print(format_status(doc), flush=True)
+    except BrokenPipeError:  # `| head`: the reader's choice; quiet, as one killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return EXIT_OK
 
 

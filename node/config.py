@@ -117,7 +117,8 @@ def _bootstrap_problem(entries: list[str]) -> str | None:
 
 @dataclass(frozen=True)
 class NodeSection:
-    name: str = _f("sp", "A name for this node, used in logs.")
+    name: str = _f("sp", "A name for this node, used in logs.",
+                   check=lambda v: None if v.strip() else "must not be empty")
     data_dir: Path = _f(Path("data"), "Folder for the SPDB and the piece store.")
     keys_dir: Path = _f(Path("keys"), "Folder with the role keys (0700; files 0600).")
     grace_period: Seconds = _f(Seconds(10.0), "Seconds in-flight work may finish on SIGTERM.",

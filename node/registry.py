@@ -67,10 +67,13 @@ def resolve_factories(config: Config, *, defaults: Mapping[str, str] = DEFAULT_M
     eps = _entry_points() if entry_points is None else entry_points
     where = str(config.source) if config.source else "<config>"
     known = set(defaults) | set(eps) | set(CANONICAL_ORDER)
-    for name in [*config.modulars.disabled, *config.modulars.implementations]:
-        if name not in known:
-            raise ConfigError(f"{where}: modulars: unknown modular {name!r} "
-                              f"(known: {', '.join(sorted(known))})")
+    for section, names in (("modulars", [*config.modulars.disabled,
+                                         *config.modulars.implementations]),
+                           ("limits.services", list(config.limits.services))):
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"{where}: {section}: unknown modular {name!r} "
+                                  f"(known: {', '.join(sorted(known))})")
     factories: dict[str, ModularFactory] = {}
     for name, path in defaults.items():
         factories[name] = load_object(path)

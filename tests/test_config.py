@@ -114,6 +114,7 @@ def _error(tmp_path: Path, text: str) -> str:
          "http://sp.example"),
         ("[gater]\nhosts = [\"sp.example:99999\"]\n", "gater.hosts", "sp.example:99999"),
         ("[chain]\nendpoint = \"127.0.0.1:26750\"\n", "chain.endpoint", "127.0.0.1:26750"),
+        ("[node]\nname = \" \"\n", "node.name", "' '"),
     ],
 )
 def test_bad_config_is_one_line_naming_file_key_value(

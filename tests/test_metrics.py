@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -328,6 +330,17 @@ async def test_status_command_against_a_running_node(tmp_path, nursery):
         proc = await trio.run_process(
             [sys.executable, "-m", "node.cli", "status", "--config", str(sps[0].config_path)],
             capture_stdout=True, capture_stderr=True, check=False)
+        # a reader gone before the output (`| head`): quiet, as one killed by SIGPIPE (found
+        # by an operator review: a BrokenPipeError traceback, exit 1)
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            gone = await trio.run_process(
+                [sys.executable, "-m", "node.cli", "status", "--config",
+                 str(sps[0].config_path)], stdout=write_end, capture_stderr=True, check=False)
+        finally:
+            os.close(write_end)
+        assert gone.returncode == 128 + signal.SIGPIPE and gone.stderr == b"", gone.stderr
     out = proc.stdout.decode()
     assert proc.returncode == 0, proc.stderr.decode()
     for section in ("modulars (start order):", "limiter (used/limit, and what is left):",

@@ -25,7 +25,7 @@ import trio
 
 from node import cli
 from node.app import ModularFailed, Node
-from node.config import Config, ModularsSection, Seconds, load_config
+from node.config import Config, LimitValues, ModularsSection, Seconds, load_config
 from node.crypto import PrivateKey, load_keys
 from node.errors import ConfigError, ModularStartError, NilModularError
 from node.lockfile import LOCK_NAME, DataDirLocked
@@ -365,6 +365,11 @@ async def test_unknown_modular_name_is_config_error(node_dir: Path, helpers: Mod
     with pytest.raises(ConfigError, match="unknown modular 'nonesuch'") as info:
         resolve_factories(cfg)
     assert str(node_dir / "config.toml") in str(info.value)
+    # found by an operator review: a misspelt [limits.services.uploder] was taken silently
+    cfg = dataclasses.replace(cfg, modulars=ModularsSection(), limits=dataclasses.replace(
+        cfg.limits, services={"uploder": LimitValues()}))
+    with pytest.raises(ConfigError, match=r"limits\.services: unknown modular 'uploder'"):
+        resolve_factories(cfg)
 
 
 @pytest.mark.parametrize("path", [f"{HELPER_MODULE}:NoSuchClass", "no_such_pkg.mod:Thing"])
@@ -722,3 +727,17 @@ async def test_register_puts_the_sp_on_the_chain(tmp_path: Path, nursery: trio.N
         assert bad.returncode == 2
         (line,) = _gfsp_lines(bad.stderr)
         assert "gater.listen" in line and "--endpoint" in line, line
+
+
+def test_a_data_dir_that_cannot_be_made_is_a_config_error(
+        node_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 naming the key, which systemd does not restart (found by an operator review:
+    exit 1 without the key's name, restarted every 5 s for ever)."""
+    (tmp_path / "file").write_text("")
+    config = node_dir / "config.toml"
+    text = config.read_text().replace('data_dir = "data"', f'data_dir = "{tmp_path}/file/data"')
+    assert "/file/data" in text
+    config.write_text(text)
+    assert cli.main(["run", "--config", str(config)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("gfsp-node:") and "node.data_dir" in line, line
