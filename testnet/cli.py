@@ -4,7 +4,8 @@ Every command takes ``--dir D`` (default ``./testnet-data``)::
 
     gfsp-testnet init   [--nodes N] [--random-keys] [--data-shards K --parity-shards M]
                         [--segment-size BYTES] [--block-interval S] [--ping-interval S]
-    gfsp-testnet up     [--nodes N] [--detach] [--timeout S] [--grace S]   (init if needed)
+    gfsp-testnet up     [--nodes N] [--detach] [--timeout S] [--grace S]   (init if needed;
+                        with --detach while the devchain runs: start the nodes that are down)
     gfsp-testnet status [--json]
     gfsp-testnet logs   [sp<i> | i | chain] [-f] [-n LINES]
     gfsp-testnet down   [--grace S]
@@ -444,12 +445,16 @@ class NodeProc:
         self.sock.close()
 
 
-async def _start_all(m: Manifest, nodes: list[NodeProc], timeout: float) -> None:
+async def _start_all(m: Manifest, nodes: list[NodeProc], timeout: float, *,
+                     chain: bool = True) -> None:
+    """Start the devchain (unless ``chain`` is False: it runs), register every SP, start
+    ``nodes`` and wait for each one's READY=1."""
     env = child_env()
     try:
         with trio.fail_after(timeout):
-            await start_chain(m, env)
-            await register_sps(m)
+            if chain:
+                await start_chain(m, env)
+                await register_sps(m)
             for n in nodes:
                 await n.start(env)
             async with trio.open_nursery() as nursery:
@@ -489,14 +494,24 @@ async def up(args: argparse.Namespace) -> int:
         err(f"{m.path} has {len(m.nodes)} nodes, not {args.nodes} "
             "(gfsp-testnet clean first to change the size)")
         return EXIT_USAGE
+    entries = m.nodes
+    chain_runs = False
     if running := running_pids(m):
-        err("already running: " + ", ".join(f"{name} (pid {pid})" for name, pid in running)
-            + " (gfsp-testnet down first)")
-        return EXIT_FAILED
+        names = {name for name, _ in running}
+        if not args.detach or "devchain" not in names or len(running) == len(targets(m)):
+            err("already running: " + ", ".join(f"{name} (pid {pid})" for name, pid in running)
+                + (" (gfsp-testnet down first" + (", or up --detach to start the nodes that "
+                   "are down" if "devchain" in names and len(running) < len(targets(m))
+                   else "") + ")"))
+            return EXIT_FAILED
+        # the devchain and some nodes run: start the others (they are registered already)
+        entries = [n for n in m.nodes if n.name not in names]
+        chain_runs = True
+        say("starting the nodes that are down: " + ", ".join(n.name for n in entries))
     m.run_dir.mkdir(parents=True, exist_ok=True)
-    for n in m.nodes:
+    for n in entries:
         n.ready_file.unlink(missing_ok=True)
-    nodes = [NodeProc(n) for n in m.nodes]
+    nodes = [NodeProc(n) for n in entries]
     failure: TestnetError | None = None
     interrupted = False
     started = False
@@ -513,7 +528,7 @@ async def up(args: argparse.Namespace) -> int:
                         return
 
                 nursery.start_soon(on_signal)
-                await _start_all(m, nodes, args.timeout)
+                await _start_all(m, nodes, args.timeout, chain=not chain_runs)
                 started = True
                 for n in nodes:
                     n.close()
@@ -537,6 +552,17 @@ async def up(args: argparse.Namespace) -> int:
             return EXIT_OK
         if failure is not None:
             err(str(failure))
+        if chain_runs:  # a start of the nodes that were down failed: stop only those
+            with trio.CancelScope(shield=True):
+                for n in nodes:
+                    if n.proc is not None and n.proc.returncode is None:
+                        n.proc.terminate()
+                        with trio.move_on_after(args.grace):
+                            await n.proc.wait()
+                        if n.proc.returncode is None:
+                            n.proc.kill()
+                            await n.proc.wait()
+            return EXIT_FAILED
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as stopping:
                 # another Ctrl-C meanwhile is taken here (trio would re-deliver it once the

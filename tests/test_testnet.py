@@ -9,6 +9,7 @@ is still recorded, and is bounded by ``trio.fail_after``.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import tomllib
@@ -153,6 +154,25 @@ async def test_up_detach_status_logs_down(tmp_path: Path) -> None:
         # A second up refuses while it runs.
         again = await run_testnet("up", "--detach", "--dir", str(root), check=False)
         assert again.returncode == 1 and b"already running" in again.stderr
+        # one node down (killed): up --detach starts it alone (found by a UX review: there
+        # was no way but down and up again); a foreground up still refuses
+        sp1 = m.nodes[1]
+        old_pid = int(sp1.pid_file.read_text().split()[0])
+        os.kill(old_pid, signal.SIGKILL)
+        with trio.fail_after(10):
+            while alive(old_pid):  # noqa: ASYNC110 - a process that is not our child
+                await trio.sleep(0.05)
+        again = await run_testnet("up", "--dir", str(root), check=False)
+        assert again.returncode == 1 and b"up --detach to start the nodes" in again.stderr
+        others = set(recorded_pids(root)) - {old_pid}
+        with trio.fail_after(UP_BOUND):
+            restarted = await run_testnet("up", "--detach", "--dir", str(root))
+        assert b"starting the nodes that are down: sp1" in restarted.stdout
+        pids = set(recorded_pids(root))
+        assert len(pids) == 5 and others < pids and old_pid not in pids
+        assert all(alive(p) for p in pids)
+        st = await status(root)
+        assert all(n["alive"] and n["ready"] for n in st["nodes"]), st
 
         with trio.fail_after(30):
             down = await run_testnet("down", "--dir", str(root))
