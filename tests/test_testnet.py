@@ -158,10 +158,13 @@ async def test_up_detach_status_logs_down(tmp_path: Path) -> None:
         # was no way but down and up again); a foreground up still refuses
         sp1 = m.nodes[1]
         old_pid = int(sp1.pid_file.read_text().split()[0])
-        os.kill(old_pid, signal.SIGKILL)
-        with trio.fail_after(10):
-            while alive(old_pid):  # noqa: ASYNC110 - a process that is not our child
-                await trio.sleep(0.05)
+        exited = os.pidfd_open(old_pid)  # readable once it exits (not our child: no wait())
+        try:
+            os.kill(old_pid, signal.SIGKILL)
+            with trio.fail_after(10):
+                await trio.lowlevel.wait_readable(exited)
+        finally:
+            os.close(exited)
         again = await run_testnet("up", "--dir", str(root), check=False)
         assert again.returncode == 1 and b"up --detach to start the nodes" in again.stderr
         others = set(recorded_pids(root)) - {old_pid}
