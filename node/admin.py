@@ -110,10 +110,21 @@ async def status_document(node: Node, metrics: NodeMetrics) -> dict[str, Any]:
         "peers": metrics.peers(),
         "approvals": metrics.approval_stats(),
         "piecestore": {"used_bytes": metrics.piecestore_used()},
-        "chain": {"height": metrics.chain_height},
+        "chain": {"height": metrics.chain_height, "registered": _registered(metrics)},
         "endpoints": {"gater": getattr(gater, "endpoint", None),
                       "admin": getattr(node, "admin_endpoint", None)},
     }
+
+
+def _registered(metrics: NodeMetrics) -> dict[str, Any] | bool | None:
+    """This SP's SP-registry entry ({"endpoint", "p2p_addrs"}), False when it is not listed,
+    None when the registry could not be asked."""
+    entry = metrics.registered
+    if entry is None:
+        return None
+    if not entry:
+        return False
+    return {"endpoint": entry[0], "p2p_addrs": list(entry[1])}
 
 
 class AdminServer:

@@ -278,6 +278,13 @@ def format_status(doc: dict) -> str:  # type: ignore[type-arg]
     lines.append(f"  gater {ends.get('gater') or '-'}   admin {ends.get('admin') or '-'}   "
                  f"chain height {_amount((doc.get('chain') or {}).get('height'))}   "
                  f"piece store {_amount((doc.get('piecestore') or {}).get('used_bytes'))} bytes")
+    registered = (doc.get("chain") or {}).get("registered")
+    if registered is False:
+        lines.append("  NOT REGISTERED on the chain: clients and other SPs cannot find this SP "
+                     "(gfsp-node register --config ...)")
+    elif registered:
+        lines.append(f"  registered as {registered['endpoint']}   p2p "
+                     f"{', '.join(registered['p2p_addrs']) or '-'}")
     lines += ["", "modulars (start order):"]
     lines += [f"  {m['name']:<12} {'running' if m['running'] else 'STOPPED'}"
               for m in doc["modulars"]]

@@ -109,6 +109,8 @@ class NodeMetrics:
         #: Last values read by :meth:`refresh`.
         self.task_counts: dict[str, dict[str, int]] = {}
         self.chain_height: int | None = None
+        #: This SP in the SP registry: (endpoint, p2p addrs), () when not listed, None unknown
+        self.registered: tuple[str, tuple[str, ...]] | tuple[()] | None = None
         self.registry.register(NodeCollector(self))
 
     # --- the gater's hook -------------------------------------------------------------------
@@ -144,6 +146,12 @@ class NodeMetrics:
                     self.chain_height = int(await registry.current_height())
                 except (ChainError, OSError, ValueError) as exc:
                     log.debug("metrics: chain height unavailable: %s", exc)
+            with trio.move_on_after(REFRESH_TIMEOUT):
+                try:
+                    sp = await registry.sp_by_operator(self.ctx.keys.operator.address)
+                    self.registered = (sp.endpoint, tuple(sp.p2p_addrs)) if sp else ()
+                except (ChainError, OSError, ValueError) as exc:
+                    log.debug("metrics: SP registry unavailable: %s", exc)
 
     async def exposition(self) -> bytes:
         """The Prometheus text format, refreshed."""

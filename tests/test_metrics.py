@@ -348,6 +348,7 @@ async def test_status_command_against_a_running_node(tmp_path, nursery):
                     "approvals:"):
         assert section in out
     assert out.startswith(f"node sp0 (running), operator {sps[0].keys.operator.address}")
+    assert f"registered as {sps[0].info().endpoint}" in out  # what the SP registry lists
     assert "GCMeta" in out and sps[1].peer_id in out and "trusted" in out
     (gater_row,) = [line.split() for line in out.splitlines()
                     if line.startswith("  service:gater ")]
@@ -379,3 +380,14 @@ async def test_status_command_against_a_stopped_node(tmp_path, nursery, capsys):
     assert code == cli.EXIT_FAILED
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not running" in err and "did not stop" in err
+
+
+def test_status_says_when_the_sp_is_not_registered() -> None:
+    """Found by an operator review: nothing told an unregistered node apart."""
+    doc = {"node": "solo", "state": "running", "operator": "0xabc", "modulars": [],
+           "limiter": {}, "queues": {}, "tasks": {}, "peers": [], "approvals": {},
+           "chain": {"height": 7, "registered": False}}
+    assert "NOT REGISTERED on the chain" in cli.format_status(doc)
+    doc["chain"]["registered"] = None  # the registry could not be asked: nothing said
+    assert "REGISTERED" not in cli.format_status(doc) and "registered" not in \
+        cli.format_status(doc)
