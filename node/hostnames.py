@@ -1,8 +1,9 @@
 """Host names as requests and endpoints give them, compared as (host name, port).
 
-``parse_host("Example.com:9033")`` is ``("example.com", 9033)``; a port that is its scheme's
-default (80 for http, 443 for https) counts as no port, so ``"sp.example"`` and
-``"https://sp.example"`` (from a TLS-terminating proxy's point of view) are one name.
+``parse_host("Example.com:9033")`` is ``("example.com", 9033)``; the web's default ports (80,
+443) count as no port, whatever the scheme: behind a TLS-terminating proxy the node sees http
+while the name is https's, so ``"sp.example"``, ``"sp.example:443"`` and
+``"https://sp.example"`` are one name.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from urllib.parse import urlsplit
 
 Name = tuple[str, int | None]
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORTS = (80, 443)
 
 
-def parse_host(value: str, scheme: str = "http") -> Name | None:
+def parse_host(value: str) -> Name | None:
     """``"Example.com:9033"`` -> ``("example.com", 9033)``; ``"[::1]"`` -> ``("::1", None)``;
     None when it is not a host[:port]."""
     value = value.strip().lower()
@@ -27,7 +28,7 @@ def parse_host(value: str, scheme: str = "http") -> Name | None:
         return None
     if not parts.hostname:
         return None
-    if port == _DEFAULT_PORTS.get(scheme):
+    if port in _DEFAULT_PORTS:
         port = None
     return parts.hostname, port
 
@@ -41,6 +42,6 @@ def endpoint_name(endpoint: str) -> Name | None:
         return None
     if not parts.hostname:
         return None
-    if port == _DEFAULT_PORTS.get(parts.scheme.lower()):
+    if port in _DEFAULT_PORTS:
         port = None
     return parts.hostname.lower(), port

@@ -93,7 +93,12 @@ class TestnetError(Exception):
 
 
 def say(*parts: object) -> None:
-    print(*parts, flush=True)
+    """Print a line; a reader that went away (``up --detach | head -1``) only loses the
+    output, it never stops the command (a foreground testnet must still be stopped)."""
+    try:
+        print(*parts, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def err(msg: str) -> None:
@@ -500,6 +505,7 @@ async def up(args: argparse.Namespace) -> int:
         names = {name for name, _ in running}
         if not args.detach or "devchain" not in names or len(running) == len(targets(m)):
             err("already running: " + ", ".join(f"{name} (pid {pid})" for name, pid in running)
+                + ("" if "devchain" in names else "; the devchain is not")
                 + (" (gfsp-testnet down first" + (", or up --detach to start the nodes that "
                    "are down" if "devchain" in names and len(running) < len(targets(m))
                    else "") + ")"))

@@ -540,11 +540,12 @@ async def test_a_request_signed_for_another_sp_is_421(fakes: StackFactory) -> No
 
 async def test_gater_hosts_names_further_hosts(fakes: StackFactory) -> None:
     with trio.fail_after(TIMEOUT):
-        s = await fakes(hosts=["SP.example", "alias.example:8443"])
+        s = await fakes(hosts=["SP.example", "alias.example:8443", "tls.example:443"])
         own_bucket(s)
         for host, status in (("sp.example", 200), ("sp.example:80", 200),
                              ("alias.example:8443", 200), ("alias.example", 421),
-                             ("sp.example:9033", 421), ("other.example", 421)):
+                             ("sp.example:9033", 421), ("other.example", 421),
+                             ("tls.example", 200), ("tls.example:443", 200)):
             r = await s.client.http.send(signed_for(s.client, host, f"{API}/buckets/mybucket"))
             assert r.status_code == status, (host, r.status_code, r.text)
 

@@ -371,7 +371,7 @@ async def authenticate(gater: Gater, request: Request, spec: RouteSpec) -> Verif
         raise AuthError("UnsignedPayloadNotAllowed",
                         "this route acts on its body: sign its sha256, not UNSIGNED-PAYLOAD")
     host = next((v for k, v in headers if k.lower() == "host"), "")
-    await gater.hosts.check(host, scope.get("scheme", "http"))
+    await gater.hosts.check(host)
     # a replay is refused before it costs the signer a rate-limit token (else replaying one
     # captured request would keep its account at SlowDown)
     gater.replay.check(verified.account, verified.nonce, verified.expiry, now)

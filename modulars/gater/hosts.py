@@ -12,8 +12,8 @@ signature verifies, its ``host`` must be one of this SP's names, else 421
   and other SPs use, also behind a reverse proxy;
 - ``gater.hosts``: further names an operator serves the node under.
 
-A name is compared as (host name in lower case, port); a port that is the default of its
-scheme (80 for http, 443 for https) counts as no port, as does a ``Host`` header without one.
+A name is compared as (host name in lower case, port); port 80 or 443 counts as no port (see
+:mod:`node.hostnames`), as does a ``Host`` header without one.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ class HostCheck:
         if loopback:
             self._names.add(("localhost", name[1]))
 
-    async def check(self, host: str, scheme: str = "http") -> None:
+    async def check(self, host: str) -> None:
         """Return when ``host`` (a request's ``Host`` header) names this SP, else raise
         :class:`MisdirectedRequest`."""
-        name = parse_host(host, scheme)
+        name = parse_host(host)
         if name is not None:
             if name in self._names:
                 return
