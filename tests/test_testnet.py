@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -280,3 +281,20 @@ def test_bad_numbers_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert argv[-1] in err and argv[-2].lstrip("-") in err, err
     assert not (tmp_path / "tn").exists()
+
+
+def test_a_closed_stdout_only_loses_the_output(tmp_path: Path) -> None:
+    """Found in review: `up --detach | head -1` died of a BrokenPipeError traceback in the
+    middle of up (a foreground testnet would have been left running unwatched)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "from testnet.cli import say\n"
+             "for i in range(3): say('line', i)\nprint('after', flush=True)\n"
+             "import sys; sys.stderr.write('still here')"],
+            stdout=write_end, capture_output=False, stderr=subprocess.PIPE, timeout=60,
+            check=False, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and done.stderr == b"still here", done.stderr
