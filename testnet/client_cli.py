@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import mimetypes
 import os
@@ -55,6 +56,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
@@ -560,8 +562,10 @@ async def cmd_get(args: argparse.Namespace, s: Settings) -> int:
         try:
             bar.start("downloading", expected)
             if to_stdout:
-                got = await download(c, bucket, name, byte_range,
-                                     trio.wrap_file(sys.stdout.buffer), bar, verifier)
+                sys.stdout.flush()
+                out_raw = getattr(sys.stdout.buffer, "raw", sys.stdout.buffer)
+                got = await download(c, bucket, name, byte_range, StreamSink(out_raw), bar,
+                                     verifier)
             else:
                 assert out is not None
                 got = await download_to_file(c, bucket, name, byte_range, out, bar, verifier,
@@ -582,6 +586,29 @@ def check_download(got: int, expected: int, verifier: SegmentVerifier | None,
         raise Failure(f"the SP sent {got} bytes, expected {expected}")
     if verifier is not None and verifier.result() != integrity:
         raise Failure("the data does not match the object's integrity hash on the chain")
+
+
+class StreamSink:
+    """Writes to a pipe, FIFO or device (an unbuffered file: no lock that a thread left
+    blocked would hold at exit) in a worker thread that a cancel (SIGTERM, Ctrl-C) leaves
+    behind: a reader that does not read holds that thread, not the command."""
+
+    def __init__(self, raw: io.RawIOBase) -> None:
+        self.raw = raw
+
+    def _write_all(self, data: bytes) -> None:
+        with memoryview(data) as view:
+            while view:
+                n = self.raw.write(view)
+                if not n:  # a non-blocking output that is full
+                    raise BlockingIOError("the output took no bytes")
+                view = view[n:]
+
+    async def write(self, data: bytes) -> None:
+        await trio.to_thread.run_sync(self._write_all, data, abandon_on_cancel=True)
+
+    async def flush(self) -> None:
+        """Nothing is buffered here."""
 
 
 async def download(c: CliClient, bucket: str, name: str,
@@ -616,9 +643,13 @@ async def download_to_file(c: CliClient, bucket: str, name: str,
     FIFO): those are written, never replaced."""
     target = trio.Path(out)
     if await target.exists() and not await target.is_file():
-        f = await trio.open_file(out, "wb")
-        async with f:
-            got = await download(c, bucket, name, byte_range, f, bar, verifier)
+        # opening a FIFO waits for its reader: in a thread a cancel (SIGTERM) may leave
+        raw = await trio.to_thread.run_sync(partial(open, out, "wb", buffering=0),
+                                            abandon_on_cancel=True)
+        try:
+            got = await download(c, bucket, name, byte_range, StreamSink(raw), bar, verifier)
+        finally:
+            raw.close()
         check_download(got, expected, verifier, integrity)
         return got
     tmp = trio.Path(out.with_name(f".{out.name}.{secrets.token_hex(4)}.gfsp-part"))

@@ -11,6 +11,7 @@ is still recorded, and is bounded by ``trio.fail_after``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -243,6 +244,16 @@ def test_no_testnet_and_unreachable_chain(tmp_path: Path, capsys: pytest.Capture
 # --- against an in-process devchain (the CLI as a subprocess) ----------------------------------
 
 
+def _blocked_on_output(pid: int) -> bool:
+    """Whether a thread of ``pid`` waits for a FIFO's reader or on a full pipe (its wchan)."""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            if (task / "wchan").read_text() in ("wait_for_partner", "pipe_write",
+                                                "anon_pipe_write", "pipe_wait"):
+                return True
+    return False
+
+
 async def gfsp(*args: str, cwd: Path | None = None, check: bool = True
                ) -> subprocess.CompletedProcess[bytes]:
     cmd = [str(GFSP)] if GFSP.exists() else [sys.executable, "-m", "testnet.client_cli"]
@@ -434,6 +445,25 @@ async def test_put_get_ls_on_a_testnet(tmp_path: Path) -> None:
                 assert "terminated" in err and "Traceback" not in err, err
                 held.cancel_scope.cancel()
             assert sorted(p.name for p in work.iterdir()) == before  # no partial file
+            # found in review: a get blocked on an output nobody reads (a FIFO with no
+            # reader, a pipe not read) ignored SIGTERM until the reader came
+            fifo_out = work / "unread.fifo"
+            os.mkfifo(fifo_out)
+            for out_arg, stdout in ((str(fifo_out), subprocess.DEVNULL),
+                                    ("-", subprocess.PIPE)):
+                proc = await trio.lowlevel.open_process(
+                    [*cmd, *tn, "get", "demo-bucket/dir/five.bin", out_arg], cwd=work,
+                    stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE)
+                with trio.fail_after(30):
+                    while not _blocked_on_output(proc.pid):  # noqa: ASYNC110 - /proc state
+                        await trio.sleep(0.02)
+                proc.send_signal(signal.SIGTERM)
+                with trio.fail_after(10):
+                    assert await proc.wait() == 128 + signal.SIGTERM
+                if proc.stdout is not None:
+                    await proc.stdout.aclose()
+            fifo_out.unlink()
+            assert sorted(p.name for p in work.iterdir()) == before
             r = await gfsp(*tn, "--endpoint", dead, "ls", "demo-bucket", cwd=work, check=False)
             assert r.returncode == EXIT_FAILED
             assert "SP unreachable" in one_error_line(r.stderr.decode())
