@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -24,7 +25,7 @@ import trio
 from node.admin import STATUS_PATH, read_admin_url
 from node.app import ModularFailed, Node, load_node_keys
 from node.chain import DevChainClient
-from node.chain_msgs import ChainError
+from node.chain_msgs import MAX_ADDRS, MAX_STR, ChainError
 from node.config import (
     ChainSection,
     Config,
@@ -38,7 +39,6 @@ from node.config import (
 )
 from node.crypto import KeySet, create_keys
 from node.errors import ConfigError, DBError, KeyFileError, ModularStartError
-from node.hostnames import endpoint_name
 from node.lockfile import DataDirLocked
 from node.log import setup_logging
 from node.malloc import release_large_buffers
@@ -135,20 +135,47 @@ def registration_of(args: argparse.Namespace, cfg: Config) -> tuple[str, list[st
             raise ConfigError(f"gater.listen = {cfg.gater.listen!r} is no address clients can "
                               "reach: give --endpoint http(s)://HOST:PORT")
         endpoint = f"http://{cfg.gater.listen}"
-    elif endpoint_name(endpoint) is None or not endpoint.startswith(("http://", "https://")):
-        raise ConfigError(f"--endpoint {endpoint!r}: expected http(s)://HOST:PORT")
-    addrs = args.p2p_addr or []
+    else:
+        problem = _endpoint_problem(endpoint)
+        if problem:
+            raise ConfigError(f"--endpoint {endpoint!r}: {problem}")
+        parts = urlsplit(endpoint)  # as the chain keeps them: scheme://host[:port]
+        endpoint = f"{parts.scheme.lower()}://{parts.netloc}"
+    addrs = list(dict.fromkeys(args.p2p_addr or []))  # in order, once each
     if not addrs:
         parts = cfg.p2p.listen.split("/")  # /ip4/HOST/tcp/PORT
         if _wildcard_or_zero(parts[2], parts[4]):
             raise ConfigError(f"p2p.listen = {cfg.p2p.listen!r} is no address peers can dial: "
                               "give --p2p-addr /ip4/HOST/tcp/PORT (or /dns4/NAME/tcp/PORT)")
         addrs = [cfg.p2p.listen]
+    if len(addrs) > MAX_ADDRS:
+        raise ConfigError(f"--p2p-addr: at most {MAX_ADDRS} addresses, not {len(addrs)}")
     for addr in addrs:
-        if dial_multiaddr_problem(addr) or unspecified(addr):
+        parts = addr.split("/")
+        if dial_multiaddr_problem(addr) or unspecified(addr) or parts[4] == "0" \
+                or len(parts) > 5:  # no /p2p/<id>: the registry holds the peer id
             raise ConfigError(f"--p2p-addr {addr!r}: expected a dialable multiaddr like "
-                              "/ip4/203.0.113.7/tcp/9044")
+                              "/ip4/203.0.113.7/tcp/9044 (no port 0, no /p2p/ part)")
     return endpoint, addrs
+
+
+def _endpoint_problem(endpoint: str) -> str | None:
+    """Why clients could not use ``endpoint`` as an SP's HTTP endpoint."""
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a URL ({exc})"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return "expected http(s)://HOST[:PORT]"
+    if parts.username is not None or parts.query or parts.fragment or parts.path not in ("",
+                                                                                       "/"):
+        return "expected http(s)://HOST[:PORT] alone (no user, path, query or fragment)"
+    if _wildcard_or_zero(parts.hostname, str(port)):
+        return "no address clients can reach (0.0.0.0, :: or port 0)"
+    if len(endpoint) > MAX_STR:
+        return f"longer than {MAX_STR} characters"
+    return None
 
 
 async def _register(cfg: Config, keys: KeySet, endpoint: str, addrs: list[str]

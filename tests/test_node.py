@@ -708,15 +708,21 @@ async def test_register_puts_the_sp_on_the_chain(tmp_path: Path, nursery: trio.N
             assert sp is not None and (sp.endpoint, sp.p2p_addrs) == (f"http://{gater}", (p2p,))
             # again with other names: the entry is updated
             moved = await _gfsp("register", "--config", config, "--endpoint",
-                                "https://sp.example", "--p2p-addr", "/dns4/sp.example/tcp/9044",
-                                cwd=tmp_path)
+                                "HTTPS://sp.example/", "--p2p-addr", "/dns4/sp.example/tcp/9044",
+                                "--p2p-addr", "/dns4/sp.example/tcp/9044", cwd=tmp_path)
             assert moved.returncode == 0, moved.stderr
             sp = await chain.get_sp(operator)
             assert sp is not None and sp.endpoint == "https://sp.example"
-            assert sp.p2p_addrs == ("/dns4/sp.example/tcp/9044",)
-        for argv, named in ((["--endpoint", "sp.example"], "--endpoint"),
-                            (["--p2p-addr", "/ip4/0.0.0.0/tcp/1"], "--p2p-addr"),
-                            (["--p2p-addr", "junk"], "--p2p-addr")):
+            assert sp.p2p_addrs == ("/dns4/sp.example/tcp/9044",)  # once
+        bad_args = [(["--endpoint", bad], "--endpoint") for bad in (
+            # found in review: all but the first were registered
+            "sp.example", "http://0.0.0.0:1", "http://[::]:9033", "http://h:0",
+            "http://h:1/path?q", "http://user:pw@h:1", "http://" + "h" * 300)]
+        bad_args += [(["--p2p-addr", bad], "--p2p-addr") for bad in (
+            "/ip4/0.0.0.0/tcp/1", "junk", "/ip4/1.2.3.4/tcp/0", "/ip4/1.2.3.4/tcp/1/p2p/QmFoo")]
+        bad_args.append(([a for i in range(9) for a in ("--p2p-addr", f"/ip4/1.2.3.{i}/tcp/1")],
+                         "at most 8"))
+        for argv, named in bad_args:
             bad = await _gfsp("register", "--config", config, *argv, cwd=tmp_path)
             assert bad.returncode == 2
             (line,) = _gfsp_lines(bad.stderr)
