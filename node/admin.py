@@ -110,7 +110,8 @@ async def status_document(node: Node, metrics: NodeMetrics) -> dict[str, Any]:
         "peers": metrics.peers(),
         "approvals": metrics.approval_stats(),
         "piecestore": {"used_bytes": metrics.piecestore_used()},
-        "chain": {"height": metrics.chain_height, "registered": _registered(metrics)},
+        "chain": {"height": metrics.chain_height, "reachable": metrics.chain_reachable,
+                  "registered": _registered(metrics)},
         "endpoints": {"gater": getattr(gater, "endpoint", None),
                       "admin": getattr(node, "admin_endpoint", None)},
     }

@@ -302,10 +302,14 @@ def format_status(doc: dict) -> str:  # type: ignore[type-arg]
     """The readable multi-section summary ``gfsp-node status`` prints."""
     lines = [f"node {doc['node']} ({doc['state']}), operator {doc['operator']}"]
     ends = doc.get("endpoints") or {}
+    chain = doc.get("chain") or {}
+    height = _amount(chain.get("height"))
+    if chain.get("reachable") is False:
+        height += " (last seen: the chain does not answer now)"
     lines.append(f"  gater {ends.get('gater') or '-'}   admin {ends.get('admin') or '-'}   "
-                 f"chain height {_amount((doc.get('chain') or {}).get('height'))}   "
+                 f"chain height {height}   "
                  f"piece store {_amount((doc.get('piecestore') or {}).get('used_bytes'))} bytes")
-    registered = (doc.get("chain") or {}).get("registered")
+    registered = chain.get("registered")
     if registered is False:
         lines.append("  NOT REGISTERED on the chain: clients and other SPs cannot find this SP "
                      "(gfsp-node register --config ...)")

@@ -30,6 +30,7 @@ metric                                     type       labels                 wha
 ``gfsp_p2p_approval_outcomes_total``       counter    role, outcome          approvals
 ``gfsp_piecestore_used_bytes``             gauge      (none)                 stored piece bytes
 ``gfsp_chain_height``                      gauge      (none)                 last height seen
+``gfsp_chain_reachable``                   gauge      (none)                 1 if it answered
 =========================================  =========  =====================  =================
 
 Label values:
@@ -111,6 +112,8 @@ class NodeMetrics:
         self.chain_height: int | None = None
         #: This SP in the SP registry: (endpoint, p2p addrs), () when not listed, None unknown
         self.registered: tuple[str, tuple[str, ...]] | tuple[()] | None = None
+        #: Whether the last refresh reached the chain (None: not asked yet, or no chain)
+        self.chain_reachable: bool | None = None
         self.registry.register(NodeCollector(self))
 
     # --- the gater's hook -------------------------------------------------------------------
@@ -141,17 +144,16 @@ class NodeMetrics:
                     log.warning("metrics: manager counts unavailable: %s", exc)
         registry = self.ctx.sp_registry or self.ctx.chain
         if registry is not None:
+            self.chain_reachable = False  # unless both answer in time
+            self.registered = None
             with trio.move_on_after(REFRESH_TIMEOUT):
                 try:
                     self.chain_height = int(await registry.current_height())
-                except (ChainError, OSError, ValueError) as exc:
-                    log.debug("metrics: chain height unavailable: %s", exc)
-            with trio.move_on_after(REFRESH_TIMEOUT):
-                try:
                     sp = await registry.sp_by_operator(self.ctx.keys.operator.address)
                     self.registered = (sp.endpoint, tuple(sp.p2p_addrs)) if sp else ()
+                    self.chain_reachable = True
                 except (ChainError, OSError, ValueError) as exc:
-                    log.debug("metrics: SP registry unavailable: %s", exc)
+                    log.debug("metrics: chain unavailable: %s", exc)
 
     async def exposition(self) -> bytes:
         """The Prometheus text format, refreshed."""
@@ -227,6 +229,9 @@ class NodeCollector(Collector):
         if m.chain_height is not None:
             yield GaugeMetricFamily("gfsp_chain_height", "The chain height the node last saw.",
                                     value=m.chain_height)
+        if m.chain_reachable is not None:
+            yield GaugeMetricFamily("gfsp_chain_reachable", "1 if the chain answered the last "
+                                    "refresh in time, else 0.", value=int(m.chain_reachable))
 
     def _limiter(self) -> Iterator[Metric]:
         families = {kind: GaugeMetricFamily(f"gfsp_limiter_{kind}", doc,

@@ -188,6 +188,7 @@ async def test_metrics_of_a_running_node(tmp_path, nursery):
     # piece store and chain height (static registry: wall-clock height, block_interval 1 s)
     assert val(m, "gfsp_piecestore_used_bytes") == 1234
     assert before <= val(m, "gfsp_chain_height") <= after
+    assert val(m, "gfsp_chain_reachable") == 1
 
     # approval outcomes: sp0 asked and sp1 approved
     assert val(m, "gfsp_p2p_approval_outcomes_total", role="asker", outcome="approved") == 1
@@ -390,4 +391,8 @@ def test_status_says_when_the_sp_is_not_registered() -> None:
     assert "NOT REGISTERED on the chain" in cli.format_status(doc)
     doc["chain"]["registered"] = None  # the registry could not be asked: nothing said
     assert "REGISTERED" not in cli.format_status(doc) and "registered" not in \
+        cli.format_status(doc)
+    # found in review: with the chain down, old values were shown as current
+    doc["chain"]["reachable"] = False
+    assert "chain height 7 (last seen: the chain does not answer now)" in \
         cli.format_status(doc)
