@@ -454,14 +454,19 @@ async def test_put_get_ls_on_a_testnet(tmp_path: Path) -> None:
                 proc = await trio.lowlevel.open_process(
                     [*cmd, *tn, "get", "demo-bucket/dir/five.bin", out_arg], cwd=work,
                     stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE)
-                with trio.fail_after(30):
-                    while not _blocked_on_output(proc.pid):  # noqa: ASYNC110 - /proc state
-                        await trio.sleep(0.02)
-                proc.send_signal(signal.SIGTERM)
-                with trio.fail_after(10):
-                    assert await proc.wait() == 128 + signal.SIGTERM
-                if proc.stdout is not None:
-                    await proc.stdout.aclose()
+                try:
+                    with trio.fail_after(30):
+                        while not _blocked_on_output(proc.pid):  # noqa: ASYNC110 - /proc
+                            await trio.sleep(0.02)
+                    proc.send_signal(signal.SIGTERM)
+                    with trio.fail_after(10):
+                        assert await proc.wait() == 128 + signal.SIGTERM
+                finally:
+                    if proc.returncode is None:  # never left behind, even when this fails
+                        proc.kill()
+                        await proc.wait()
+                    if proc.stdout is not None:
+                        await proc.stdout.aclose()
             fifo_out.unlink()
             assert sorted(p.name for p in work.iterdir()) == before
             r = await gfsp(*tn, "--endpoint", dead, "ls", "demo-bucket", cwd=work, check=False)
