@@ -9,10 +9,13 @@ one task never overlap; an unexpected error fails the task, never the worker.
 - ReplicatePiece (primary): approvals from the P2P modular (min = data + parity, max = min +
   ``p2p.approval_backups``); each segment is read from the piece store once, erasure-coded in a
   worker thread, and piece ``i`` is sent to secondary ``i``'s receiver (signed HTTP, the
-  approval attached). A secondary that fails is replaced by a backup approval, which gets every
-  piece of that index again. Each secondary's "done" returns its integrity signature, checked
-  against its approval key on the chain and the object's checksum for its index. Then the task
-  carries the secondaries, signatures and when they signed, and the manager queues the seal.
+  approval attached), each secondary at its own pace within ``executor.segments_in_flight``
+  segments held. A secondary that fails is replaced by a backup approval, which gets every
+  piece of that index again (once the others have theirs; with more failed secondaries than
+  backups the replication stops at once). Each secondary's "done" returns its integrity
+  signature, checked against its approval key on the chain and the object's checksum for its
+  index. Then the task carries the secondaries, signatures and when they signed, and the
+  manager queues the seal.
   An object already sealed by us on the chain is not replicated (the task reports ``sealed``).
 - SealObject: an object already sealed by us on the chain (a seal that landed before a crash
   let it be reported) is done. Else the signer seals on the chain (it retries sequence
@@ -35,7 +38,6 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 
 import httpx
 import trio
@@ -229,26 +231,13 @@ class TaskExecutor(ModularBase):
         backups: list[ApprovalResponse] = list(approvals[n:])
         codec = _ObjectCodec(params, obj.size)
         segments = params.segment_count(obj.size)
-        with self._read_ahead_span(task) as ahead:
-            # One segment's pieces are covered by the task's own reservation; a second one
-            # (read and encoded while the first is sent) only when the limiter has room.
-            depth = 1 if ahead is None else 2
-            slots = trio.Semaphore(depth)
-            send, receive = trio.open_memory_channel[_Encoded](depth)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._encode_segments, codec, obj.id, segments, slots,
-                                       send)
-                    async with receive:
-                        async for encoded in receive:
-                            await self._send_segment(encoded, targets, backups, codec, obj.id,
-                                                     slots)
-                            del encoded  # the pieces go before the next segment comes
-            except BaseExceptionGroup as group:
-                raise unwrap(group) from None
+        failed: set[int] = set()  # indices whose secondary failed a piece: a backup takes over
+        await self._send_pieces(task, targets, backups, codec, segments, failed)
         signatures: list[bytes] = [b""] * n
         signed_at: list[float] = [0.0] * n
         switching = trio.Lock()  # one backup re-sent at a time: one segment's pieces held
+        for index in sorted(failed):  # before any "done": the signatures come close together
+            await self._switch(targets, backups, index, codec, obj.id, segments)
         try:
             async with trio.open_nursery() as nursery:  # every secondary's "done" at once
                 for index in range(n):
@@ -280,33 +269,74 @@ class TaskExecutor(ModularBase):
                     await self._switch(targets, backups, index, codec, task.object.id,
                                        segments)
 
-    async def _send_segment(self, encoded: _Encoded, targets: list[ApprovalResponse],
-                            backups: list[ApprovalResponse], codec: _ObjectCodec, object_id: int,
-                            slots: trio.Semaphore) -> None:
-        """Send piece ``i`` of one segment to secondary ``i`` (all at once); a secondary that
-        failed is switched to a backup. The segment's slot is given back on every path."""
-        try:
-            failed: list[int] = []
-            async with trio.open_nursery() as senders:
-                for index in range(len(targets)):
-                    senders.start_soon(self._send_or_mark, targets[index], object_id, index,
-                                       encoded.segment, encoded.pieces[index],
-                                       encoded.digests[index], failed)
-            encoded.pieces.clear()  # free the pieces before a backup re-encodes any
-            encoded.hold.close()
-            for index in failed:
-                await self._switch(targets, backups, index, codec, object_id,
-                                   encoded.segment + 1)
-        finally:
-            encoded.pieces.clear()
-            encoded.hold.close()
-            slots.release()
+    async def _send_pieces(self, task: ReplicatePieceTask, targets: list[ApprovalResponse],
+                           backups: list[ApprovalResponse], codec: _ObjectCodec, segments: int,
+                           failed: set[int]) -> None:
+        """Piece ``i`` of every segment to secondary ``i``: segments are read, encoded and
+        hashed in order (:meth:`_encode_segments`) while one task per secondary sends its
+        pieces in order (:meth:`_send_index`), so a secondary that is slow on one piece holds
+        up the others only once ``executor.segments_in_flight`` segments wait for it. A
+        segment's buffer and slot are given back once every secondary is done with it; on
+        any error, every buffer goes back to the store."""
+        obj = task.object
+        encoded: list[_Encoded] = []  # what was encoded, to give back on every path
+        with self._read_ahead_span(task) as ahead:
+            # One segment's pieces are covered by the task's own reservation; more (read
+            # and encoded while earlier ones are sent) only when the limiter has room.
+            depth = 1 if ahead is None else self.in_flight(task)
+            slots = trio.Semaphore(depth)
+            channels = [trio.open_memory_channel[_Encoded](depth) for _ in targets]
+            try:
+                async with trio.open_nursery() as nursery:
+                    for index, (_send, receive) in enumerate(channels):
+                        nursery.start_soon(self._send_index, targets, backups, index, obj.id,
+                                           receive, failed)
+                    await self._encode_segments(codec, obj.id, segments, slots,
+                                                [send for send, _receive in channels], encoded)
+            except BaseExceptionGroup as group:
+                raise unwrap(group) from None
+            finally:
+                for segment in encoded:
+                    segment.close()
+
+    async def _send_index(self, targets: list[ApprovalResponse],
+                          backups: list[ApprovalResponse], index: int, object_id: int,
+                          receive: trio.MemoryReceiveChannel[_Encoded], failed: set[int]
+                          ) -> None:
+        """Send piece ``index`` of each segment that comes, in order, to ``targets[index]``.
+        After a failure the rest of this index is left to a backup (re-sent once the other
+        secondaries have theirs: :meth:`_switch`); with no backup left the replication
+        stops at once."""
+        async with receive:
+            async for encoded in receive:
+                try:
+                    if index in failed:
+                        continue
+                    approval = targets[index]
+                    try:
+                        await self._send(approval, object_id, index, encoded.segment,
+                                         encoded.piece(index), encoded.digests[index])
+                    except (ReplicateError, httpx.HTTPError) as exc:
+                        log.warning("piece %d/%d of object %d to %s failed: %s",
+                                    encoded.segment, index, object_id, approval.approver, exc)
+                        failed.add(index)
+                        if len(failed) > len(backups):
+                            raise ReplicateError(f"index {index} of object {object_id}: "
+                                                 "no secondary left") from None
+                finally:
+                    encoded.release(index)
+
+    def in_flight(self, task: ReplicatePieceTask) -> int:
+        """Segments a replication holds at most (``executor.segments_in_flight``, at most
+        the object's segments)."""
+        return max(1, min(int(self.cfg.segments_in_flight),
+                          task.params.segment_count(task.object.size)))
 
     def _read_ahead_span(self, task: ReplicatePieceTask) -> contextlib.AbstractContextManager[
             Span | None]:
         """A span holding the task's read-ahead (one more segment's pieces), or None when
         there is none (a one-segment object) or the limiter has no room."""
-        extra = task.read_ahead_memory()
+        extra = task.read_ahead_memory(self.in_flight(task))
         if extra <= 0:
             return contextlib.nullcontext()
         try:
@@ -317,10 +347,14 @@ class TaskExecutor(ModularBase):
 
     async def _encode_segments(self, codec: _ObjectCodec, object_id: int, segments: int,
                                slots: trio.Semaphore,
-                               send: trio.MemorySendChannel[_Encoded]) -> None:
-        """Read, encode and hash segments in order, each once a slot is free (the consumer
-        gives a slot back once that segment's pieces are sent and dropped)."""
-        async with send:
+                               sends: list[trio.MemorySendChannel[_Encoded]],
+                               encoded: list[_Encoded]) -> None:
+        """Read, encode and hash segments in order, each once a slot is free, and hand each
+        to every sender (its slot comes back once the last of them is done with it).
+        ``encoded`` keeps every segment made until it is given back."""
+        async with contextlib.AsyncExitStack() as stack:
+            for send in sends:
+                await stack.enter_async_context(send)
             for segment in range(segments):
                 await slots.acquire()
                 try:
@@ -328,16 +362,12 @@ class TaskExecutor(ModularBase):
                 except BaseException:
                     slots.release()
                     raise
-                encoded = _Encoded(segment, pieces, digests, hold)
+                one = _Encoded(segment, pieces, digests, hold, slots)
                 del pieces, digests, hold
-                try:
-                    await send.send(encoded)
-                except BaseException:
-                    encoded.pieces.clear()
-                    encoded.hold.close()
-                    slots.release()
-                    raise
-                del encoded
+                encoded[:] = [e for e in encoded if not e.closed] + [one]
+                for send in sends:
+                    await send.send(one)  # never waits: a channel holds every slot
+                del one
 
     async def _pieces(self, codec: _ObjectCodec, object_id: int, segment: int
                       ) -> tuple[list[bytes | memoryview], list[str], contextlib.ExitStack]:
@@ -381,17 +411,6 @@ class TaskExecutor(ModularBase):
             hold.close()
             raise
         return pieces, digests, hold
-
-    async def _send_or_mark(self, approval: ApprovalResponse, object_id: int, index: int,
-                            segment: int, piece: bytes | memoryview, digest: str,
-                            failed: list[int]
-                            ) -> None:
-        try:
-            await self._send(approval, object_id, index, segment, piece, digest)
-        except (ReplicateError, httpx.HTTPError) as exc:
-            log.warning("piece %d/%d of object %d to %s failed: %s", segment, index,
-                        object_id, approval.approver, exc)
-            failed.append(index)
 
     async def _send(self, approval: ApprovalResponse, object_id: int, index: int,
                     segment: int, piece: bytes | memoryview, digest: str) -> None:
@@ -678,14 +697,51 @@ class _ObjectCodec(Codec):
         return self.params.segment_len(self.size, segment)
 
 
-@dataclass(frozen=True, slots=True)
 class _Encoded:
-    """One segment's pieces and their SHA-256 (hex), ready to send."""
+    """One segment's pieces and their SHA-256 (hex), shared by the secondaries' senders: the
+    last one done with it (:meth:`release`) gives its buffer and its slot back."""
 
-    segment: int
-    pieces: list[bytes | memoryview]  # the data pieces are views of the buffer in ``hold``
-    digests: list[str]
-    hold: contextlib.ExitStack
+    __slots__ = ("_hold", "_left", "_pieces", "_slots", "digests", "segment")
+
+    def __init__(self, segment: int, pieces: list[bytes | memoryview], digests: list[str],
+                 hold: contextlib.ExitStack, slots: trio.Semaphore) -> None:
+        self.segment = segment
+        self.digests = digests
+        # the data pieces are views of the buffer in ``hold``
+        self._pieces: list[bytes | memoryview | None] = list(pieces)
+        self._hold = hold
+        self._slots = slots
+        self._left = len(pieces)
+
+    @property
+    def closed(self) -> bool:
+        return self._left == 0
+
+    def piece(self, index: int) -> bytes | memoryview:
+        piece = self._pieces[index]
+        if piece is None:
+            raise RuntimeError(f"piece {index} of segment {self.segment} was released")
+        return piece
+
+    def release(self, index: int) -> None:
+        """Sender ``index`` is done with this segment (repeats are ignored)."""
+        if self._left == 0 or self._pieces[index] is None:
+            return
+        self._pieces[index] = None
+        self._left -= 1
+        if self._left == 0:
+            self._free()
+
+    def close(self) -> None:
+        """Give everything back now (an error stopped the replication)."""
+        if self._left:
+            self._left = 0
+            self._free()
+
+    def _free(self) -> None:
+        self._pieces.clear()
+        self._hold.close()
+        self._slots.release()
 
 
 async def _chunks(data: bytes | memoryview) -> AsyncIterator[memoryview]:

@@ -320,6 +320,10 @@ class ExecutorSection:
     secondary_timeout: Seconds = _f(Seconds(120.0), "Deadline for sending one piece to a "
                                     "secondary, or for its \"done\" (past it: that "
                                     "secondary fails over to a backup).", lo=0.1)
+    segments_in_flight: int = _f(2, "Segments a replication holds at most (read, encoded and "
+                                 "being sent; each costs a segment x (data + parity) / data "
+                                 "of memory, from the limiter): how far the secondaries may "
+                                 "drift apart.", lo=1, hi=64)
     unsealed_piece_ttl: Seconds = _f(Seconds(86400.0), "Seconds after which the zombie GC "
                                      "collects pieces held of an object still not sealed "
                                      "(no \"done\" came: a replication that never finished).",

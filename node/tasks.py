@@ -483,7 +483,7 @@ class ReplicatePieceTask(Task):
     Memory (the estimate): one segment's pieces, segment x (data + parity) / data, rounded up,
     segment capped by object size: what replication needs to run, one segment at a time. The
     executor reserves :meth:`read_ahead_memory` more when the limiter has room, to read and
-    encode the next segment while one is sent.
+    encode the next segments while earlier ones are sent.
     """
 
     type: ClassVar[TaskType] = TaskType.ReplicatePiece
@@ -503,10 +503,6 @@ class ReplicatePieceTask(Task):
     timeout: float = 300.0
     max_retry: int = 3
 
-    #: Segments whose pieces a replication holds at most: one being sent while the next one
-    #: is read and encoded.
-    SEGMENTS_IN_FLIGHT: ClassVar[int] = 2
-
     def _key_parts(self) -> list[str]:
         return _object_parts(self.object)
 
@@ -518,11 +514,12 @@ class ReplicatePieceTask(Task):
         seg = _buffered_segment(self.object, self.params)
         return -(-seg * self.params.total_shards // self.params.data_shards)
 
-    def read_ahead_memory(self) -> int:
+    def read_ahead_memory(self, in_flight: int) -> int:
         """What the executor reserves on top of :meth:`estimate` (when the limiter has room)
-        to keep :attr:`SEGMENTS_IN_FLIGHT` segments in flight: 0 for a one-segment object."""
+        to keep ``in_flight`` segments in flight (``executor.segments_in_flight``): 0 for a
+        one-segment object."""
         segments = self.params.segment_count(self.object.size)
-        return self.segment_memory() * max(0, min(self.SEGMENTS_IN_FLIGHT, segments) - 1)
+        return self.segment_memory() * max(0, min(in_flight, segments) - 1)
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,8 @@
-"""The executor's replication pipeline (read + encode of segment n+1 while segment n is sent),
-on a real piece store with fake secondaries: every piece arrives, at most two segments are in
-flight, a failing secondary moves to a backup, and a failure mid-pipeline releases the limiter
-and leaves no task behind."""
+"""The executor's replication pipeline (segments read and encoded while earlier ones are sent,
+each secondary sent its pieces in order at its own pace), on a real piece store with fake
+secondaries: every piece arrives, at most ``executor.segments_in_flight`` segments are held, a
+slow secondary holds up the others only once that many wait for it, a failing secondary moves
+to a backup, and a failure mid-pipeline releases the limiter and leaves no task behind."""
 
 from __future__ import annotations
 
@@ -142,9 +143,15 @@ def watch_lag(ex: TaskExecutor, http: FakeHTTP) -> None:
     ex._pieces = tracked  # type: ignore[method-assign]
 
 
-async def test_every_piece_arrives_with_two_segments_in_flight(tmp_path: Path) -> None:
+def in_flight(n: int) -> Config:
+    return dataclasses.replace(Config(), executor=dataclasses.replace(
+        Config().executor, segments_in_flight=n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+async def test_every_piece_arrives_with_segments_in_flight(tmp_path: Path, n: int) -> None:
     data = os.urandom(5 * SEG + 4321)  # a short last segment: its last piece is padded
-    async with executor(tmp_path, data) as (ex, http, task):
+    async with executor(tmp_path, data, config=in_flight(n)) as (ex, http, task):
         watch_lag(ex, http)
         with trio.fail_after(20):
             await ex.handle_replicate_piece_task(task)
@@ -152,9 +159,45 @@ async def test_every_piece_arrives_with_two_segments_in_flight(tmp_path: Path) -
         assert len(http.got) == N * len(want)
         for (host, index, segment), piece in http.got.items():
             assert host == f"sp{index}" and piece == want[segment][index]
-        assert http.lag == 1  # the next segment is encoded while one is sent, no further
+        assert http.lag <= n - 1  # segments encoded ahead of one still being sent
         assert task.secondaries == [f"sp{i}" for i in range(N)]
         assert task.secondary_signatures == [f"sig-sp{i}-{i}".encode() for i in range(N)]
+        assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
+async def test_a_slow_secondary_holds_up_the_others_only_when_the_segments_run_out(
+        tmp_path: Path) -> None:
+    """Each secondary is sent its pieces at its own pace (found in the data bench: every
+    segment waited for the slowest of the six secondaries, and the cores idled): while sp0
+    is stuck on segment 0 the others get segments 0..n-1, and no further (n =
+    ``executor.segments_in_flight``: the memory a replication holds)."""
+    n = 3
+    data = os.urandom(6 * SEG)
+    async with executor(tmp_path, data, config=in_flight(n)) as (ex, http, task):
+        watch_lag(ex, http)
+        real_put = http.put
+        others_ahead = trio.Event()
+        seen_when_released: list[int] = []
+
+        async def put(url: str, **kw: Any) -> Response:
+            if url.startswith("http://sp0/") and url.endswith("/0"):
+                await others_ahead.wait()
+                seen_when_released.append(max(s for (h, _i, s) in http.got if h != "sp0"))
+            response = await real_put(url, **kw)
+            if all((f"sp{i}", i, n - 1) in http.got for i in range(1, N)):
+                others_ahead.set()
+            return response
+
+        http.put = put  # type: ignore[method-assign]
+        with trio.fail_after(20):
+            await ex.handle_replicate_piece_task(task)
+        assert seen_when_released == [n - 1]
+        assert http.lag == n - 1
+        want = expected(data)
+        assert len(http.got) == N * len(want)
+        for (host, index, segment), piece in http.got.items():
+            assert host == f"sp{index}" and piece == want[segment][index]
         assert ex.ctx.limiter.used("executor").memory == 0
         assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
 
@@ -228,6 +271,19 @@ async def test_a_failure_mid_pipeline_releases_everything(tmp_path: Path) -> Non
         assert ex.ctx.limiter.used("executor").memory == 0
         assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
         assert await ex.store.keys(OBJECT_ID) == [segment_key(OBJECT_ID, i) for i in range(6)]
+
+
+async def test_more_failed_secondaries_than_backups_stop_at_once(tmp_path: Path) -> None:
+    data = os.urandom(6 * SEG)
+    async with executor(tmp_path, data, backups=1) as (ex, http, task):
+        http.fail[("sp1", 1)] = httpx.ConnectError("down")
+        http.fail[("sp4", 2)] = httpx.ConnectError("down")
+        with trio.fail_after(20), pytest.raises(ReplicateError, match="no secondary left"):
+            await ex.handle_replicate_piece_task(task)
+        assert max(s for (_h, _i, s) in http.got) <= 4  # stopped, not run to the end
+        assert not any(h == f"sp{N}" for (h, _i, _s) in http.got)  # the backup: not started
+        assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
 
 
 async def test_a_missing_segment_fails_cleanly(tmp_path: Path) -> None:

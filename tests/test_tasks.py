@@ -663,16 +663,18 @@ def test_encode_rejects_bad_state() -> None:
 
 def test_replicate_read_ahead_memory() -> None:
     """The estimate is one segment's pieces (what replication needs); the executor reserves
-    read_ahead_memory() more to keep SEGMENTS_IN_FLIGHT segments in flight."""
+    read_ahead_memory(n) more to keep n segments in flight."""
     def task(size: int) -> ReplicatePieceTask:
         return ReplicatePieceTask(object=ObjectInfo(id=1, bucket="b", name="o", owner="0x",
                                                     size=size, checksums=()), params=PARAMS)
 
     seg = PARAMS.segment_size
     big = task(5 * seg)
-    assert ReplicatePieceTask.SEGMENTS_IN_FLIGHT == 2
     assert big.estimate().memory == big.segment_memory() == seg * 6 // 4
-    assert big.read_ahead_memory() == big.segment_memory()
-    assert task(seg).read_ahead_memory() == 0  # one segment: nothing to read ahead
-    assert task(seg + 1).read_ahead_memory() == task(seg + 1).segment_memory()
-    assert task(0).read_ahead_memory() == 0
+    assert big.read_ahead_memory(2) == big.segment_memory()
+    assert big.read_ahead_memory(3) == 2 * big.segment_memory()
+    assert big.read_ahead_memory(9) == 4 * big.segment_memory()  # no more than it has
+    assert big.read_ahead_memory(1) == 0
+    assert task(seg).read_ahead_memory(3) == 0  # one segment: nothing to read ahead
+    assert task(seg + 1).read_ahead_memory(3) == task(seg + 1).segment_memory()
+    assert task(0).read_ahead_memory(3) == 0
