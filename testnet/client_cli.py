@@ -272,13 +272,15 @@ class Progress:
 
     WIDTH = 24
 
-    def __init__(self, enabled: bool, stream: Any = None) -> None:
+    def __init__(self, enabled: bool, stream: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
         self.label = ""
         self.total: int | None = None
         self.done = 0
-        self.started = time.monotonic()
+        self.started = clock()
         self._drawn_at = 0.0
         self._width = 0
         self._open = False
@@ -286,7 +288,7 @@ class Progress:
     def start(self, label: str, total: int | None) -> None:
         self.finish()
         self.label, self.total, self.done = label, total, 0
-        self.started = time.monotonic()
+        self.started = self.clock()
         self._draw(force=True)
 
     def advance(self, n: int) -> None:
@@ -306,7 +308,7 @@ class Progress:
     def _draw(self, *, force: bool = False, note: str = "") -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
+        now = self.clock()
         if not force and now - self._drawn_at < 0.1:
             return
         self._drawn_at = now
@@ -468,8 +470,19 @@ async def cmd_put(args: argparse.Namespace, s: Settings) -> int:
     return EXIT_OK
 
 
+#: Seconds between two questions to the primary about a put's seal (its upload progress)
+ASK_PRIMARY_EVERY = 2.0
+
+
 async def wait_sealed(c: CliClient, bucket: str, name: str, timeout: float,
-                      bar: Progress) -> Any:
+                      bar: Progress, *, poll: float = 0.25,
+                      ask_every: float = ASK_PRIMARY_EVERY) -> Any:
+    """The object once the chain says it is sealed. Every ``ask_every`` seconds the primary
+    is asked how its replication goes: one it gave up on (state FAILED, its retries spent)
+    ends the wait at once with its error, rather than at ``timeout``; a primary that does
+    not answer is named on the progress line and in the timeout's message."""
+    silent = ""  # why the primary did not answer its last question ("" when it did)
+    next_ask = trio.current_time() + ask_every
     try:
         with trio.fail_after(timeout):
             while True:
@@ -479,11 +492,31 @@ async def wait_sealed(c: CliClient, bucket: str, name: str, timeout: float,
                                      f"{bucket}/{name} disappeared from the chain while sealing")
                 if obj.sealed:
                     return obj
-                bar.tick()
-                await trio.sleep(0.25)
+                if trio.current_time() >= next_ask:
+                    silent = await _ask_primary(c, bucket, name, ask_every)
+                    next_ask = trio.current_time() + ask_every
+                bar.tick(f"(primary SP: {silent})" if silent else "")
+                await trio.sleep(poll)
     except trio.TooSlowError:
-        raise Failure(f"uploaded, but not sealed within {timeout:g} s (see 'gfsp head "
+        why = f"; the primary SP does not answer: {silent}" if silent else ""
+        raise Failure(f"uploaded, but not sealed within {timeout:g} s{why} (see 'gfsp head "
                       f"{bucket}/{name}' later, or wait longer with --seal-timeout)") from None
+
+
+async def _ask_primary(c: CliClient, bucket: str, name: str, within: float) -> str:
+    """Ask the primary for the upload's progress: raise :class:`Failure` if it gave up; else
+    "" if it answered, or why it did not."""
+    with trio.move_on_after(within):
+        try:
+            progress = await c.upload_progress(bucket, name)
+        except (SPError, SPUnavailable) as exc:
+            return str(exc)
+        if isinstance(progress, dict) and progress.get("state") == "FAILED":
+            raise Failure(f"uploaded, but the primary SP gave up sealing {bucket}/{name}: "
+                          f"{progress.get('error') or 'no reason given'} ('gfsp put' again "
+                          "uploads it again)")
+        return ""
+    return f"no answer within {within:g} s"
 
 
 class SegmentVerifier:

@@ -31,16 +31,19 @@ from node.crypto import PrivateKey, read_key_file, write_key_file
 from node.ec import object_checksums
 from node.tasks import StorageParams
 from testnet.cli import alive
+from testnet.client import SPUnavailable
 from testnet.client_cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    Failure,
     Progress,
     SegmentVerifier,
     UsageError,
     main,
     parse_range,
     parse_target,
+    wait_sealed,
 )
 from testnet.devchain import DevChain
 from testnet.manifest import load_manifest
@@ -128,6 +131,60 @@ def test_progress_line() -> None:
     off.advance(10)
     off.finish()
     assert quiet.getvalue() == ""
+
+
+class SealWatch:
+    """A fake client for :func:`wait_sealed` alone (a chain that never seals and a primary
+    in a given state: a real replication that fails for good takes its retries' timeouts)."""
+
+    def __init__(self, progress: dict[str, str] | Exception, *, seal_at: float | None = None,
+                 hang: bool = False) -> None:
+        self.progress, self.seal_at, self.hang = progress, seal_at, hang
+        self.asked = 0
+        self.chain = self
+
+    async def get_object(self, bucket: str, name: str) -> object:
+        sealed = self.seal_at is not None and trio.current_time() >= self.seal_at
+        return type("Obj", (), {"sealed": sealed, "id": 7})()
+
+    async def upload_progress(self, bucket: str, name: str) -> dict[str, str]:
+        self.asked += 1
+        if self.hang:
+            await trio.sleep_forever()
+        if isinstance(self.progress, Exception):
+            raise self.progress
+        return self.progress
+
+
+async def test_put_stops_waiting_when_the_primary_gives_up(autojump_clock: object) -> None:
+    """Found in review: a put whose replication failed for good (the primary's retries spent)
+    waited out its whole --seal-timeout; the primary's FAILED state now ends it at once."""
+    c = SealWatch({"state": "FAILED", "error": "ReplicateError: no secondary left"})
+    t0 = trio.current_time()
+    with pytest.raises(Failure, match="gave up sealing b/o: ReplicateError: no secondary left"):
+        await wait_sealed(c, "b", "o", 600.0, Progress(False))  # type: ignore[arg-type]
+    assert trio.current_time() - t0 < 5.0
+
+
+@pytest.mark.parametrize("silent", [SPUnavailable("GET http://sp0: ConnectError: refused"),
+                                    None])
+async def test_put_names_a_primary_that_does_not_answer(autojump_clock: object,
+                                                        silent: Exception | None) -> None:
+    c = SealWatch(silent or {}, hang=silent is None)
+    out = io.StringIO()
+    with pytest.raises(Failure) as info:
+        await wait_sealed(c, "b", "o", 30.0,  # type: ignore[arg-type]
+                          Progress(True, out, clock=trio.current_time))
+    why = str(silent) if silent else "no answer within 2 s"
+    assert f"not sealed within 30 s; the primary SP does not answer: {why}" in str(info.value)
+    assert f"(primary SP: {why})" in out.getvalue()
+    assert c.asked >= 5
+
+
+async def test_put_waits_while_the_primary_works(autojump_clock: object) -> None:
+    c = SealWatch({"state": "REPLICATING", "error": ""}, seal_at=20.0)
+    obj = await wait_sealed(c, "b", "o", 60.0, Progress(False))  # type: ignore[arg-type]
+    assert obj.sealed and c.asked >= 5
 
 
 # --- main() in-process: usage errors, keys, an unreachable chain -------------------------------
