@@ -95,15 +95,17 @@ async def get_object(call: Call) -> Any:
     task, partial = await downloader.make_task(
         bucket, name, range_header=call.request.headers.get("range"),
         user_address=call.account)
+    # the Content-Type as the chain has it: given as starlette's media_type, a text/ one
+    # would get "; charset=utf-8" added, and a client would decode a Latin-1 text wrongly
     headers = {"content-length": str(content_length(task)), "accept-ranges": "bytes",
-               "etag": f'"{task.object.checksums[0].hex()}"'}
+               "etag": f'"{task.object.checksums[0].hex()}"',
+               "content-type": task.object.content_type or "application/octet-stream"}
     if partial:
         headers["content-range"] = content_range(task)
     status = 206 if partial else 200
-    media_type = task.object.content_type or "application/octet-stream"
     if call.request.method == "HEAD":  # the GET's head; no byte is read (nor billed as read)
         await downloader.head_object(task)
-        return Response(status_code=status, headers=headers, media_type=media_type)
+        return Response(status_code=status, headers=headers)
     await downloader.pre_download_object(task)
 
     async def body() -> AsyncIterator[bytes]:
@@ -113,8 +115,7 @@ async def get_object(call: Call) -> Any:
                 yield chunk
 
     return ClosingStreamingResponse(body(), lambda: downloader.post_download_object(task),
-                                    status_code=status, headers=headers,
-                                    media_type=media_type)
+                                    status_code=status, headers=headers)
 
 
 async def _admit(call: Call, *, fresh: bool = False) -> Any:
