@@ -97,7 +97,13 @@ from node.modular import ModularBase, NodeContext
 from node.piecestore import PieceNotFound, PieceStoreError, piece_key, read_hashed, segment_key
 from node.rcmgr import Span
 from node.spregistry import SPInfo
-from node.tasks import ChallengePieceTask, DownloadObjectTask, StorageParams, Task
+from node.tasks import (
+    ChallengePieceTask,
+    DownloadObjectTask,
+    ObjectInfo,
+    StorageParams,
+    Task,
+)
 
 __all__ = [
     "CHALLENGE_ROUTE",
@@ -113,6 +119,7 @@ __all__ = [
     "decode_challenge_binary",
     "encode_challenge",
     "encode_challenge_binary",
+    "etag",
     "parse_range",
 ]
 
@@ -217,6 +224,19 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise RangeNotSatisfiable(f"range {spec!r} starts past the end of a {size}-byte "
                                   "object", size)
     return low, min(high, size - 1)
+
+
+def etag(obj: ObjectInfo) -> str:
+    """An object's (strong) ETag: its integrity hash ``checksums[0]``, hex, quoted."""
+    return f'"{obj.checksums[0].hex()}"'
+
+
+def if_range_holds(if_range: str | None, tag: str) -> bool:
+    """Whether a Range may be served under ``If-Range`` (RFC 9110 13.1.5): no If-Range, or
+    exactly the object's ETag ``tag``. A weak tag never matches, nor does a date (no
+    Last-Modified is sent): the whole object then goes out, never a range of what may be
+    another object than the one the client holds the first bytes of."""
+    return if_range is None or if_range.strip() == tag
 
 
 def content_length(task: DownloadObjectTask) -> int:
@@ -527,9 +547,12 @@ class Downloader(ModularBase):
     # --- building tasks (for the gater) ---------------------------------------------------
 
     async def make_task(self, bucket: str, name: str, *, range_header: str | None = None,
-                        user_address: str = "") -> tuple[DownloadObjectTask, bool]:
+                        if_range: str | None = None, user_address: str = ""
+                        ) -> tuple[DownloadObjectTask, bool]:
         """The download task of ``GET /{bucket}/{name}`` and whether it is a partial (206)
-        answer. NoSuchBucket / NoSuchKey, InvalidObjectState (not sealed), 416."""
+        answer. NoSuchBucket / NoSuchKey, InvalidObjectState (not sealed), 416. The Range is
+        ignored (the whole object, 200) when ``if_range`` is given and is not the object's
+        ETag (:func:`if_range_holds`)."""
         chain = require_chain(self.ctx)
         with chain_errors("download"):
             obj = await chain.get_object(bucket, name)
@@ -541,7 +564,9 @@ class Downloader(ModularBase):
             raise NoSuchKey(bucket, name)
         if not obj.sealed:
             raise InvalidObjectState(f"object {name!r} is not sealed yet")
-        rng = parse_range(range_header, obj.size)
+        rng = None
+        if if_range_holds(if_range, etag(obj.info)):
+            rng = parse_range(range_header, obj.size)
         low, high = rng if rng is not None else (0, max(obj.size - 1, 0))
         task = DownloadObjectTask(object=obj.info, bucket=chain_bucket.info, params=params,
                                   low=low, high=high, user_address=user_address)

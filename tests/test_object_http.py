@@ -51,3 +51,37 @@ async def test_get_and_head_send_the_objects_content_type_as_is(tmp_path, nurser
             assert r.content == LATIN1
         await cluster.stop()
 
+
+async def test_if_range_serves_the_range_only_for_the_objects_etag(tmp_path, nursery):
+    """Found in review (GET with ``Range`` and ``If-Range`` naming another ETag): the range
+    was served anyway (206), so a client resuming a download of an object that was deleted
+    and created again spliced bytes of the new one onto the old one. RFC 9110 13.1.5: when
+    If-Range does not match (another ETag, a weak one, a date: no Last-Modified is sent), the
+    Range is ignored and the whole object comes back, 200."""
+    with trio.fail_after(TIMEOUT):
+        cluster = await faults.start_cluster(tmp_path, nursery, 4)
+        async with GfspClient(PrivateKey.generate(), chain=cluster.endpoint,
+                              timeout=30) as client, httpx.AsyncClient(timeout=30) as http:
+            url = await _sealed_text_object(client, cluster, "resume.bin", LATIN1,
+                                            "application/octet-stream")
+            r = await http.head(url, headers=client.sign("HEAD", url))
+            etag = r.headers["etag"]
+            for method in ("GET", "HEAD"):
+                same = client.sign(method, url, headers={"range": "bytes=5-"})
+                same["if-range"] = etag
+                r = await http.request(method, url, headers=same)
+                assert r.status_code == 206, (method, r.text)
+                assert r.headers["content-range"] == f"bytes 5-{len(LATIN1) - 1}/{len(LATIN1)}"
+                for other in ('"' + "0" * 64 + '"', f"W/{etag}",
+                              "Wed, 21 Oct 2015 07:28:00 GMT"):
+                    # a Range past the end is ignored too: no 416 for a range never served
+                    for rng in ("bytes=5-", f"bytes={len(LATIN1)}-"):
+                        headers = client.sign(method, url, headers={"range": rng})
+                        headers["if-range"] = other
+                        r = await http.request(method, url, headers=headers)
+                        assert r.status_code == 200, (method, other, rng, r.text)
+                        assert "content-range" not in r.headers
+                        assert r.headers["content-length"] == str(len(LATIN1))
+                        if method == "GET":
+                            assert r.content == LATIN1
+        await cluster.stop()

@@ -5,8 +5,9 @@ and challenges.
   payload hash is checked as the body ends; ``UNSIGNED-PAYLOAD`` is allowed here, as the
   integrity hash is checked against the chain anyway).
 - ``GET /{bucket}/{object}`` (``Range``: one range, 206 with Content-Range; 416 outside the
-  object): the downloader streams only the segments needed. ``HEAD`` answers the same status
-  and headers after the same checks, and reads nothing (no read record either).
+  object; ignored under an ``If-Range`` that is not the ETag): the downloader streams only
+  the segments needed. ``HEAD`` answers the same status and headers after the same checks,
+  and reads nothing (no read record either).
 - ``PUT /gfsp/v1/replicate/{object_id}/{index}/{segment}`` and
   ``POST /gfsp/v1/replicate/{object_id}/{index}/done``: a primary SP sends a piece / asks for
   the integrity signature; the request is signed by the primary's operator key (its account)
@@ -36,6 +37,7 @@ from modulars.downloader import (
     content_range,
     encode_challenge,
     encode_challenge_binary,
+    etag,
     wants_binary_challenge,
 )
 from modulars.gater import schemas
@@ -94,11 +96,11 @@ async def get_object(call: Call) -> Any:
     downloader = call.modulars.downloader
     task, partial = await downloader.make_task(
         bucket, name, range_header=call.request.headers.get("range"),
-        user_address=call.account)
+        if_range=call.request.headers.get("if-range"), user_address=call.account)
     # the Content-Type as the chain has it: given as starlette's media_type, a text/ one
     # would get "; charset=utf-8" added, and a client would decode a Latin-1 text wrongly
     headers = {"content-length": str(content_length(task)), "accept-ranges": "bytes",
-               "etag": f'"{task.object.checksums[0].hex()}"',
+               "etag": etag(task.object),
                "content-type": task.object.content_type or "application/octet-stream"}
     if partial:
         headers["content-range"] = content_range(task)
