@@ -975,6 +975,23 @@ async def test_unknown_route_and_method(fakes: StackFactory) -> None:
         assert r.status_code == 404 and r.content == b""
 
 
+async def test_a_bucket_path_without_an_object_is_an_xml_404_not_a_redirect(
+        fakes: StackFactory) -> None:
+    """Found in review (a raw GET of ``/bucket``): starlette answered 307 with no body and a
+    Location built from the Host header, ``/bucket/``, a path that is always refused (no
+    object name) and that the request was not signed for; an S3 client follows a 307 and
+    re-sends a PUT's body there. No route matches a path without an object name: a 404."""
+    with trio.fail_after(TIMEOUT):
+        s = await fakes()
+        own_bucket(s)
+        for method in ("GET", "HEAD", "PUT"):
+            r = await s.client.call(method, "/mybucket", content=b"x" * 10)
+            assert r.status_code == 404, (method, r.status_code, r.headers)
+            assert "location" not in r.headers
+            if method != "HEAD":
+                assert_error(r, 404, "NotFound")
+
+
 async def test_unexpected_error_is_500_logged_once(fakes: StackFactory,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     with trio.fail_after(TIMEOUT):

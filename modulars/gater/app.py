@@ -387,9 +387,14 @@ def replay_cache(cfg: GaterSection) -> ReplayCache:
 
 
 def build_app(gater: Gater, routes: tuple[RouteSpec, ...] = ROUTES) -> Starlette:
-    return Starlette(
+    """The application; a path no route matches is a 404 (starlette's default would answer
+    ``/bucket`` with a bodiless 307 to ``/bucket/``, a path the request was not signed for,
+    always refused, where an S3 client following it re-sends a PUT's body)."""
+    app = Starlette(
         routes=[Route(spec.path, _endpoint(gater, spec), methods=[spec.method],
                       name=spec.operation_id) for spec in routes],
         middleware=[Middleware(ErrorMiddleware)],
         exception_handlers={HTTPException: raise_http_exception},
     )
+    app.router.redirect_slashes = False
+    return app
