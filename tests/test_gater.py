@@ -28,16 +28,18 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+import hypercorn.trio.run
 import hypercorn.trio.tcp_server
 import pytest
 import trio
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from starlette.responses import StreamingResponse
 
 from modulars.gater import Gater
 from modulars.gater.app import AuthOpType, Call, RouteSpec
 from modulars.gater.body import BodyStream
-from modulars.gater.server import set_receive_size
+from modulars.gater.server import _DeadlineTCPServer, set_receive_size
 from node import chain_msgs
 from node.app import build_limiter
 from node.auth import parse_query, payload_sha256, quote_path, sign_request
@@ -828,10 +830,13 @@ async def test_a_body_that_stalls_is_a_request_timeout(autojump_clock: Any, read
 
 @pytest.fixture
 def keep_receive_size() -> Iterator[None]:
-    """Gater.serve sets hypercorn's process-wide receive size: put the old one back."""
+    """Gater.serve sets hypercorn's process-wide receive size and send timeout: put the old
+    ones back."""
     before = hypercorn.trio.tcp_server.MAX_RECV
+    server, timeout = hypercorn.trio.run.TCPServer, _DeadlineTCPServer.send_timeout
     yield
     hypercorn.trio.tcp_server.MAX_RECV = before
+    hypercorn.trio.run.TCPServer, _DeadlineTCPServer.send_timeout = server, timeout  # type: ignore[misc]
 
 
 async def test_bodies_arrive_in_reads_of_recv_bytes(nursery: trio.Nursery,
@@ -867,6 +872,45 @@ async def test_bodies_arrive_in_reads_of_recv_bytes(nursery: trio.Nursery,
         await gater.drain()
     with pytest.raises(ValueError):
         set_receive_size(0)
+
+
+async def test_a_client_that_stops_reading_is_cut_after_send_timeout(
+        nursery: trio.Nursery, keep_receive_size: None) -> None:
+    """A response whose client stops reading (connected, window shut) is cut once one write
+    waits ``gater.send_timeout``: the route lets go of what it holds and a drain finishes.
+    hypercorn shields its writes from cancellation and has no write deadline, so one such GET
+    held its download slot and segment memory for as long as the client stayed, and SIGTERM
+    could not stop the node (found by a slowloris probe on a testnet)."""
+    released = trio.Event()
+
+    async def endless(call: Call) -> Any:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield b"x" * (256 * 1024)
+            finally:
+                released.set()
+
+        return StreamingResponse(body(), media_type="application/octet-stream")
+
+    route = RouteSpec("GET", "/endless", endless, "endless", "an endless body", public=True)
+    config = gater_config(send_timeout=0.5)
+    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
+                      keys=new_keyset())
+    gater = Gater(ctx, routes=(route,))
+    await nursery.start(gater.serve)
+    port = int(str(gater.endpoint).rsplit(":", 1)[1])
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await sock.connect(("127.0.0.1", port))
+            stream = trio.SocketStream(sock)
+            await stream.send_all(b"GET /endless HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+            await released.wait()  # never read: the server's writes stall
+            await gater.drain()
+    finally:  # (a stuck server write ends with the connection, so a failure ends too)
+        sock.close()
 
 
 # --- routes (fakes) --------------------------------------------------------------------------

@@ -15,6 +15,14 @@ every read, so :func:`set_receive_size` sets it for the whole process (the admin
 Reads stay under node/malloc.py's 1 MiB mmap threshold so that their buffers come from the
 (warm) heap: 1 MiB reads were fresh mappings, page-faulted in on every read, and slower.
 
+A response write waits at most ``gater.send_timeout`` seconds (:func:`set_send_timeout`):
+hypercorn shields each write from cancellation and has no deadline of its own, so a client
+that stops reading a GET (connected, its window shut) held the request's download slot and
+segment memory for as long as it stayed, and neither ``drain_timeout`` nor the node's grace
+period could end it (SIGTERM hung). Past the deadline the connection is closed, which ends
+the request as a client disconnect would. The server class that does this replaces
+hypercorn's in ``hypercorn.trio.run`` for the whole process, as the receive size does.
+
 Limits from the config: ``max_header_bytes`` is hypercorn's ``h11_max_incomplete_size`` (a
 head that arrives in pieces and grows past it is refused by hypercorn itself with a plain 400,
 before the app runs); since h11 checks that only while a head is incomplete, the app checks
@@ -25,6 +33,7 @@ per-account token bucket and the replay cache are the app's (:mod:`modulars.gate
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -32,8 +41,10 @@ from typing import Any
 
 import hypercorn.config
 import hypercorn.trio
+import hypercorn.trio.run
 import hypercorn.trio.tcp_server
 import trio
+from hypercorn.events import Closed, Event, RawData
 
 from modulars.gater.app import ROUTES, BodyKind, RouteSpec, build_app, replay_cache
 from modulars.gater.data import DATA_ROUTES
@@ -52,6 +63,36 @@ def set_receive_size(nbytes: int) -> None:
     if nbytes < 1:
         raise ValueError(f"receive size {nbytes} is not positive")
     hypercorn.trio.tcp_server.MAX_RECV = nbytes
+
+
+class _DeadlineTCPServer(hypercorn.trio.tcp_server.TCPServer):
+    """hypercorn's connection server with a deadline on each write (:func:`set_send_timeout`);
+    a write past it closes the connection."""
+
+    send_timeout: float = math.inf
+
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:
+            try:
+                with trio.CancelScope(shield=True), trio.fail_after(self.send_timeout):
+                    await self.stream.send_all(event.data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+            except trio.TooSlowError:
+                with trio.CancelScope(shield=True):
+                    await self._initiate_server_close()
+
+
+def set_send_timeout(seconds: float) -> None:
+    """Let one response write wait at most ``seconds``, in every hypercorn server of this
+    process."""
+    if not seconds > 0:
+        raise ValueError(f"send timeout {seconds} is not positive")
+    _DeadlineTCPServer.send_timeout = seconds
+    hypercorn.trio.run.TCPServer = _DeadlineTCPServer  # type: ignore[misc]
 
 
 class Gater(ModularBase):
@@ -108,6 +149,7 @@ class Gater(ModularBase):
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         set_receive_size(int(self.cfg.recv_bytes))
+        set_send_timeout(float(self.cfg.send_timeout))
         try:
             async with trio.open_nursery() as nursery:
                 try:
