@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,9 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from node.db import SPDB
+from node.errors import DBError
+
+log = logging.getLogger("gfsp.p2p.peers")
 
 
 def unspecified(addr: str) -> bool:
@@ -59,6 +63,7 @@ class PeerTable:
         self._max = max_peers
         self._peers: dict[str, PeerRecord] = {}
         self._dirty: set[str] = set()
+        self._gone: set[str] = set()  # removed, still to be deleted from SPDB
         self._state_changed = trio.Event()
         self.rtts: dict[str, float] = {}
         self.rtt_at: dict[str, float] = {}  # peer id -> when (unix s) its RTT was measured
@@ -105,6 +110,7 @@ class PeerTable:
             return False
         self._peers[rec.peer_id] = rec
         self._dirty.add(rec.peer_id)
+        self._gone.discard(rec.peer_id)
         if old is None or old.state != rec.state:
             self._state_changed.set()
         return True
@@ -115,26 +121,37 @@ class PeerTable:
         self._state_changed = trio.Event()
 
     async def flush(self) -> None:
-        """Write every changed record in one transaction."""
+        """Write every changed and removed record in one transaction. A write SPDB refuses
+        (e.g. its disk is full) is logged and kept for the next flush: the table in memory
+        is what discovery uses, and a failed write must not stop it (and the node)."""
+        dirty, gone = self._dirty, self._gone
+        self._dirty, self._gone = set(), set()
         rows = [(r.peer_id, r.operator, json.dumps(list(r.addrs)), r.first_seen, r.last_seen,
                  r.missed, r.state)
-                for pid in self._dirty if (r := self._peers.get(pid)) is not None]
-        self._dirty.clear()
-        if not rows:
+                for pid in dirty if (r := self._peers.get(pid)) is not None]
+        if not rows and not gone:
             return
 
         def write(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM peers WHERE peer_id = ?", [(p,) for p in gone])
             conn.executemany(
                 "INSERT OR REPLACE INTO peers (peer_id, operator, addrs, first_seen, last_seen,"
                 " missed, state) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
-        await self._db.run(write)
+        try:
+            await self._db.run(write)
+        except DBError as exc:
+            self._dirty |= {pid for pid in dirty if pid in self._peers}
+            self._gone |= {pid for pid in gone if pid not in self._peers}
+            log.warning("peer table: %d change(s) not written, kept for the next try: %s",
+                        len(dirty) + len(gone), exc)
 
     async def remove(self, peer_id: str) -> None:
         self._peers.pop(peer_id, None)
         self._dirty.discard(peer_id)
+        self._gone.add(peer_id)
         self._forget_rtt(peer_id)
-        await self._db.run(lambda c: c.execute("DELETE FROM peers WHERE peer_id = ?", (peer_id,)))
+        await self.flush()
 
     def _forget_rtt(self, peer_id: str) -> None:
         self.rtts.pop(peer_id, None)

@@ -80,3 +80,27 @@ async def test_unspecified_addrs_are_never_stored(tmp_path, autojump_clock):
         assert rec.addrs == ("/ip4/10.0.0.5/tcp/9044",)
         rec = await table.mark_alive("a", "0xa", ("/ip6/::/tcp/1", "/ip4/10.0.0.6/tcp/1"))
         assert rec.addrs == ("/ip4/10.0.0.6/tcp/1",)
+
+
+async def test_a_full_spdb_keeps_changes_for_later_instead_of_failing(tmp_path):
+    """A peer-table write that SPDB refuses (its disk is full) is logged and kept for the next
+    flush; it used to raise out of discovery and stop the node (found by filling a testnet
+    node's data disk: 'modular p2p failed: DBError: database or disk is full', exit 1)."""
+    path = tmp_path / "spdb.sqlite"
+    with trio.fail_after(10):
+        async with open_spdb(path) as db:
+            table = PeerTable(db, self_peer_id="me", max_peers=1000)
+            await table.put(PeerRecord("gone", "0xg"))
+            await table.flush()
+            pages = await db.run(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+            await db.run(lambda c: c.execute(f"PRAGMA max_page_count = {pages}").fetchone())
+            for i in range(200):  # more than the pages left hold
+                await table.put(PeerRecord(f"p{i}", "0x" + "a" * 40,
+                                           ("/ip4/10.0.0.1/tcp/1",) * 4))
+            await table.flush()  # refused: kept
+            await table.remove("gone")
+            assert _rows(path) == {"gone": CANDIDATE}
+            await db.run(lambda c: c.execute("PRAGMA max_page_count = 1000000").fetchone())
+            await table.flush()
+            rows = _rows(path)
+            assert len(rows) == 200 and "gone" not in rows
