@@ -46,7 +46,7 @@ from modulars.signer import integrity_payload
 from node.chain import ChainClient, ChainError, require_chain
 from node.crypto import verify
 from node.ec import Codec, piece_size
-from node.errors import GfspError, ResourceLimitExceeded, SignatureError, unwrap
+from node.errors import DBError, GfspError, ResourceLimitExceeded, SignatureError, unwrap
 from node.modular import ModularBase, NodeContext
 from node.piecestore import parse_key, segment_key
 from node.rcmgr import Span
@@ -137,8 +137,17 @@ class TaskExecutor(ModularBase):
     async def _worker(self) -> None:
         manager = self.ctx.modulars.manager
         while True:
-            task = await self.ask_task()
-            if task is None or not await self.run_task(task):
+            try:
+                task = await self.ask_task()
+                ran = task is not None and await self.run_task(task)
+            except DBError as exc:
+                # SPDB refused the dispatch or the report (e.g. its disk is full): the task
+                # stays pending, or comes back when its lease ends; ask again after a pause
+                # rather than stop the node (found by filling a testnet node's disk)
+                log.warning("executor: SPDB refused a task update: %s", exc)
+                await trio.sleep(self.cfg.ask_interval)
+                continue
+            if not ran:
                 # nothing fits, or the task was given back unrun: wait for work (or for the
                 # resources to free), at most ask_interval
                 await manager.wait_for_work(self.cfg.ask_interval)
@@ -665,9 +674,12 @@ class TaskExecutor(ModularBase):
             except ChainError as exc:
                 log.warning("gc: chain unavailable: %s", exc)
                 continue
-            last = await self.ctx.db.run(_last_gc_height)
-            if height > last:
-                await self.ctx.modulars.manager.schedule_gc_object(last, height)
+            try:
+                last = await self.ctx.db.run(_last_gc_height)
+                if height > last:
+                    await self.ctx.modulars.manager.schedule_gc_object(last, height)
+            except DBError as exc:  # e.g. SPDB's disk is full: the next interval asks again
+                log.warning("gc: cannot schedule a GCObject task: %s", exc)
 
 
 def _secondary_url(approval: ApprovalResponse, path: str) -> str:

@@ -25,7 +25,8 @@ import trio
 
 from modulars.executor import ReplicateError, TaskExecutor
 from modulars.manager import DONE, FAILED, PENDING, Manager, backoff
-from node.config import Config, LimitsSection, LimitValues
+from node.config import Config, LimitsSection, LimitValues, ManagerSection
+from node.errors import DBError
 from node.tasks import ReplicatePieceTask, SealObjectTask, Task
 from tests.test_manager import (
     PARAMS,
@@ -38,6 +39,7 @@ from tests.test_manager import (
 )
 
 ME = "0x" + "11" * 20
+TIMEOUT = 20
 #: Executor memory for one 1 MiB object's replication (1.5 MiB) at a time, plus a seal
 ONE_AT_A_TIME = Config(limits=LimitsSection(services={"executor": LimitValues(memory=2 * MiB)}))
 
@@ -274,3 +276,87 @@ async def test_an_object_sealed_by_another_primary_is_an_error(tmp_path: Path,
         with pytest.raises(ReplicateError, match="sealed on the chain, by primary 0x9999"):
             await ex.handle(task)
         assert signer.sealed == []
+
+
+# ---------------------------------------------------------------------- SPDB refusing writes
+
+
+class _FullDisk:
+    """Wraps an SPDB: while ``full``, every call is refused as SQLite refuses a write on a
+    full disk (a real one is what found this; SQLite's own refusal cannot be made to hit just
+    the task rows' in-place updates)."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.full = False
+        self.refused = 0
+        self.retried = trio.Event()
+
+    async def run(self, fn: Any) -> Any:
+        if self.full:
+            self.refused += 1
+            if self.refused >= 3:
+                self.retried.set()
+            raise DBError("OperationalError: database or disk is full")
+        return await self.db.run(fn)
+
+
+async def test_workers_outlive_spdb_refusing_writes(tmp_path: Path) -> None:
+    """Found by filling a testnet node's data disk: a DBError from the manager (its dispatch,
+    the report of a run) went out of the executor's worker and stopped the node. The worker
+    logs it and asks again later; the task's lease brings it back."""
+    clock = FakeClock()
+    async with executor_at(tmp_path, clock) as (ex, manager, _signer):
+        ran: list[str] = []
+
+        async def handle(task: Task) -> None:
+            ran.append(task.key)
+            await signed(task)
+
+        ex.handle = handle  # type: ignore[method-assign]
+        reported = trio.Event()
+        report = ex.report_task
+
+        async def report_then_tell(task: Task) -> None:
+            await report(task)
+            reported.set()
+
+        ex.report_task = report_then_tell  # type: ignore[method-assign]
+        full = _FullDisk(manager.ctx.db)
+        manager.ctx.db = full  # type: ignore[assignment]
+        task = replicate(1)
+        await manager.add_task(task)
+        full.full = True
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(ex._worker)
+                await full.retried.wait()  # refused again and again, the workers go on
+                full.full = False
+                await reported.wait()
+                nursery.cancel_scope.cancel()
+        assert ran[0] == task.key  # (its seal may have run too)
+        assert (await row(manager, task.key))[0] == DONE
+
+
+async def test_gc_scheduling_outlives_spdb_refusing_writes(tmp_path: Path) -> None:
+    """The same for the loop that schedules GCObject tasks every manager.gc_interval: a
+    DBError stopped the executor (and the node); now the next interval asks again."""
+    class Heights(FakeChain):
+        async def current_height(self) -> int:
+            return 10
+
+    cfg = dataclasses.replace(Config(), manager=ManagerSection(gc_interval=0.1))
+    async with executor_at(tmp_path, FakeClock(), cfg, chain=Heights("SEALED")) as (
+            ex, manager, _signer):
+        full = _FullDisk(manager.ctx.db)
+        full.full = True
+        ex.ctx.db = full  # type: ignore[assignment]  (the manager's too: one context)
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ex._watch_deletions)
+                await full.retried.wait()  # three intervals refused, still running
+                full.full = False
+                while not await manager.query_tasks("GCObject"):
+                    await manager.wait_for_work(TIMEOUT)
+                nursery.cancel_scope.cancel()
