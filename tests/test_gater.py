@@ -45,6 +45,7 @@ from node.app import build_limiter
 from node.auth import parse_query, payload_sha256, quote_path, sign_request
 from node.config import Config, GaterSection, NodeSection
 from node.crypto import PrivateKey, unpack
+from node.db import open_spdb
 from node.errors import AccessDenied, NoSuchBucket, NoSuchKey, ServiceError
 from node.modular import ModularBase, NodeContext
 from node.rcmgr import Limit, ResourceLimiter
@@ -911,6 +912,35 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout(
             await gater.drain()
     finally:  # (a stuck server write ends with the connection, so a failure ends too)
         sock.close()
+
+
+async def test_a_full_spdb_disk_is_507_not_500(nursery: trio.Nursery, tmp_path: Path,
+                                              keep_receive_size: None) -> None:
+    """A request whose SPDB write finds the disk full is 507 InsufficientStorage, as a full
+    piece store is: it was a 500 InternalError with a logged traceback per request (found by
+    filling a testnet node's data disk). SQLite's own "database or disk is full" (SQLITE_FULL)
+    comes here from ``PRAGMA max_page_count``."""
+    async with open_spdb(tmp_path / "spdb.sqlite3") as db:
+        pages = await db.run(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        await db.run(lambda c: c.execute(f"PRAGMA max_page_count = {pages}").fetchone())
+
+        async def write(call: Call) -> Any:
+            await db.run(lambda c: c.executemany(
+                "INSERT INTO gc_progress (kind, update_time) VALUES (?, 0)",
+                [(f"kind-{i:04d}-" + "x" * 200,) for i in range(100)]))
+            return {}
+
+        route = RouteSpec("POST", "/write", write, "write", "write to SPDB", public=True)
+        config = gater_config()
+        ctx = NodeContext(config=config, limiter=build_limiter(config), db=db,
+                          keys=new_keyset())
+        gater = Gater(ctx, routes=(route,))
+        await nursery.start(gater.serve)
+        with trio.fail_after(TIMEOUT):
+            async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+                r = await http.post(f"{gater.endpoint}/write")
+            assert_error(r, 507, "InsufficientStorage")
+            await gater.drain()
 
 
 # --- routes (fakes) --------------------------------------------------------------------------

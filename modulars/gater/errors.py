@@ -14,6 +14,8 @@ with ``content-type: application/xml``. Handlers (and starlette's routing, throu
 - :class:`~node.errors.ResourceLimitExceeded`: 503 ``SlowDown`` with ``Retry-After``;
 - :class:`~node.errors.NilModularError`: 503 ``ServiceUnavailable`` with ``Retry-After``;
 - :class:`~node.errors.TaskError`: 400 ``InvalidArgument``;
+- :class:`~node.errors.DBError` caused by SQLite's SQLITE_FULL (SPDB's disk is full): 507
+  ``InsufficientStorage``, as a full piece store is;
 - anything else: 500 ``InternalError``, logged once with the request id and traceback (the
   body never carries a traceback).
 
@@ -29,6 +31,7 @@ import logging
 import math
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.auth import SCHEME
 from node.errors import (
+    DBError,
     NilModularError,
     ResourceLimitExceeded,
     ServiceError,
@@ -109,6 +113,9 @@ def classify(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
                 {"retry-after": str(MODULAR_RETRY_AFTER)})
     if isinstance(exc, TaskError):
         return 400, "InvalidArgument", str(exc), {}
+    if isinstance(exc, DBError) and getattr(exc.__cause__, "sqlite_errorcode",
+                                            None) == sqlite3.SQLITE_FULL:
+        return 507, "InsufficientStorage", "the node's database disk is full", {}
     return 500, "InternalError", "internal error", {}
 
 
