@@ -337,6 +337,10 @@ class ExecutorSection:
 @dataclass(frozen=True)
 class ReceiverSection:
     max_concurrent: int = _f(64, "Pieces received at once.", lo=1)
+    piece_timeout: Seconds = _f(Seconds(120.0), "Deadline for one piece's body (past it: "
+                                "400 RequestTimeout, nothing kept; a body trickled a byte "
+                                "at a time held a receive slot for good). The primary gives "
+                                "up on a piece after its executor.secondary_timeout.", lo=0.1)
 
 
 @dataclass(frozen=True)

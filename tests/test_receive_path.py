@@ -24,6 +24,7 @@ from node.tasks import ReplicatePieceApprovalTask, StorageParams
 from p2p.messages import encode
 from testnet.client import GfspClient, parse_error
 from testnet.devchain import DevChain
+from tests.faultnet import configure
 from tests.p2pnet import make_chain_sps, register_on_chain, start_nodes, wait_until
 
 MiB = 1 << 20
@@ -207,3 +208,52 @@ def test_binary_challenge_is_asked_by_accept(accept: str) -> None:
     assert wants_binary_challenge(accept)
     assert not wants_binary_challenge("application/json")
     assert not wants_binary_challenge(None)
+
+
+async def test_a_trickled_piece_is_cut_at_receiver_piece_timeout(tmp_path: Path,
+                                                                 nursery: trio.Nursery) -> None:
+    """A primary that trickles a piece's body (a byte now and then, never idle for
+    gater.body_idle_timeout) held one of the secondary's receiver.max_concurrent slots and
+    its piece buffer for as long as it liked: a few such requests refused every other
+    primary's pieces (found by a hostile-primary probe). The body now has
+    receiver.piece_timeout in all: 400 RequestTimeout, nothing stored, the buffer given back."""
+    with trio.fail_after(60):
+        chain = DevChain(tmp_path / "chain", block_interval=0.2, params=PARAMS)
+        endpoint = await nursery.start(chain.serve)
+        sps = make_chain_sps(tmp_path / "sps", 2, endpoint)
+        configure(sps[1], receiver={"piece_timeout": 0.5})
+        await register_on_chain(endpoint, sps)
+        nodes = await start_nodes(nursery, sps)
+        everyone = {sp.peer_id for sp in sps}
+        await wait_until(lambda: all(n.trusted() == everyone - {n.sp.peer_id} for n in nodes))
+        payload = os.urandom(MiB)
+        segments = split(payload, PARAMS.segment_size)
+        sums = object_checksums(segments, PARAMS.data_shards, PARAMS.parity_shards)
+        primary = nodes[0].node.ctx
+        assert primary is not None
+        async with GfspClient(PrivateKey.generate(), chain=endpoint, timeout=60) as client:
+            await client.create_bucket("tbucket", primary_sp=sps[0].keys.operator.address)
+            obj = await client.create_object("tbucket", "o", size=len(payload), checksums=sums)
+            [approval] = await primary.modulars.p2p.handle_replicate_piece_approval(
+                ReplicatePieceApprovalTask(object=obj.info, params=PARAMS), 1, 1)
+        piece = Codec(PARAMS.data_shards, PARAMS.parity_shards).encode(segments[0])[0]
+        url = approval.endpoint.rstrip("/") + replicate_path(obj.id, 0, 0)
+        headers = primary.modulars.signer.sign_http_request(
+            "PUT", url, body_sha256=hashlib.sha256(piece).hexdigest(),
+            headers={APPROVAL_HEADER: encode(approval).hex(),
+                     "content-length": str(len(piece))})
+
+        async def trickle() -> Any:
+            for i in range(len(piece)):  # a byte every 50 ms: never idle, never done
+                yield piece[i:i + 1]
+                await trio.sleep(0.05)
+
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.put(url, content=trickle(), headers=headers)
+        assert (r.status_code, parse_error(r).code) == (400, "RequestTimeout"), r.text
+        secondary = nodes[1].node.ctx
+        assert secondary is not None
+        assert await secondary.piecestore.keys(obj.id) == []  # type: ignore[union-attr]
+        assert secondary.limiter.used("receiver").memory == 0
+        for node in nodes:
+            await node.stop()

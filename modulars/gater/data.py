@@ -43,7 +43,7 @@ from modulars.downloader import (
 from modulars.gater import schemas
 from modulars.gater.app import API_PREFIX, AuthOpType, Call, Param, RouteSpec
 from modulars.gater.body import declared_length
-from node.errors import ServiceError
+from node.errors import RequestTimeout, ServiceError
 
 APPROVAL_HEADER = "x-gfsp-approval"
 RESERVED_BUCKET = "gfsp"
@@ -145,10 +145,16 @@ async def replicate_piece(call: Call) -> Any:
                            f"{expected}", 400)
     assert call.auth is not None and call.auth.payload_sha256 is not None  # _admit checked
     digest = bytes.fromhex(call.auth.payload_sha256)
+    timeout = float(receiver.ctx.config.receiver.piece_timeout)
     with receiver.piece_buffer(expected) as buffer:
         # One copy of the body, into the piece store's aligned buffer; its sha256 is checked
-        # against the signed one in a worker thread before the piece is stored.
-        received = await call.body.read_into_unverified(buffer)
+        # against the signed one in a worker thread before the piece is stored. The body
+        # has receiver.piece_timeout in all: trickled, it would hold a receive slot for good.
+        with trio.move_on_after(timeout) as deadline:
+            received = await call.body.read_into_unverified(buffer)
+        if deadline.cancelled_caught:
+            raise RequestTimeout(f"the piece took longer than receiver.piece_timeout "
+                                 f"({timeout:g} s)")
         if received != expected:
             raise ServiceError("IncompleteBody", f"piece has {received} bytes, expected "
                                f"{expected}", 400)
