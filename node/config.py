@@ -208,6 +208,9 @@ class GaterSection:
                                 lo=0, hi=3600)
     body_idle_timeout: Seconds = _f(Seconds(60.0), "Seconds a streamed request body may send "
                                     "nothing (past it: 400 RequestTimeout).", lo=0.01, hi=3600)
+    json_body_timeout: Seconds = _f(Seconds(60.0), "Seconds the body of a non-data request "
+                                    "may take in all (past it: 400 RequestTimeout).",
+                                    lo=0.01, hi=3600)
     send_timeout: Seconds = _f(Seconds(60.0), "Seconds one write of a response may wait "
                                "for a client that does not read (past it the connection is "
                                "closed and the request lets go of what it holds).",

@@ -943,6 +943,38 @@ async def test_a_full_spdb_disk_is_507_not_500(nursery: trio.Nursery, tmp_path: 
             await gater.drain()
 
 
+async def test_a_trickled_json_body_is_cut_at_json_body_timeout(
+        nursery: trio.Nursery, keep_receive_size: None) -> None:
+    """A JSON body sent a byte now and then (never idle for body_idle_timeout) is 400
+    RequestTimeout once it took gater.json_body_timeout in all. It held the request's gater
+    span (one of the service's conns_inbound, and max_json_body of memory) for as long as the
+    client liked: a few hundred such requests, each from a fresh account, had every other
+    request refused with 503 SlowDown (found by a slowloris probe)."""
+    async def echo(call: Call) -> Any:
+        return {"got": len(await call.body.read())}
+
+    route = RouteSpec("POST", "/echo", echo, "echo", "read a JSON body", public=True,
+                      body="json")
+    config = gater_config(json_body_timeout=0.5)
+    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
+                      keys=new_keyset())
+    gater = Gater(ctx, routes=(route,))
+    await nursery.start(gater.serve)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(10_000):  # a byte every 20 ms: never idle for long, done in 200 s
+            yield b" "
+            await trio.sleep(0.02)
+
+    with trio.fail_after(TIMEOUT):
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+            r = await http.post(f"{gater.endpoint}/echo", content=trickle(),
+                                headers={"content-length": "10000"})
+        assert_error(r, 400, "RequestTimeout")
+        assert ctx.limiter.used("gater").conns_inbound == 0
+        await gater.drain()
+
+
 # --- routes (fakes) --------------------------------------------------------------------------
 
 

@@ -103,7 +103,8 @@ class Call:
         self.request_id = request_id_of(request.scope)
         self.body = BodyStream(request.stream(), limit=limit,
                                expected_sha256=auth.payload_sha256 if auth else None,
-                               idle_timeout=float(gater.cfg.body_idle_timeout))
+                               idle_timeout=float(gater.cfg.body_idle_timeout),
+                               read_timeout=float(gater.cfg.json_body_timeout))
 
     @property
     def account(self) -> str:

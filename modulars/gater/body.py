@@ -13,6 +13,7 @@ iteration ends normally never commits an unverified body. Small bodies are read 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -92,16 +93,20 @@ def check_declared_length(headers: Mapping[str, str], limit: int) -> None:
 
 class BodyStream:
     """Iterate a request body (once) under ``limit`` bytes, checking ``expected_sha256``;
-    with ``idle_timeout``, :class:`RequestTimeout` once no chunk came for that long.
+    with ``idle_timeout``, :class:`RequestTimeout` once no chunk came for that long; with
+    ``read_timeout``, :meth:`read` is :class:`RequestTimeout` once the whole body took that
+    long (a body trickled a byte at a time is never idle, and its request holds a gater span).
 
     ``expected_sha256`` None means the payload was not signed (UNSIGNED-PAYLOAD): only the
     size is checked.
     """
 
     def __init__(self, chunks: AsyncIterator[bytes], *, limit: int,
-                 expected_sha256: str | None, idle_timeout: float | None = None) -> None:
+                 expected_sha256: str | None, idle_timeout: float | None = None,
+                 read_timeout: float | None = None) -> None:
         self._chunks = chunks if idle_timeout is None else idle_limited(chunks, idle_timeout)
         self.limit = limit
+        self.read_timeout = read_timeout
         self.expected_sha256 = expected_sha256
         self.received = 0
         self._hash = hashlib.sha256() if expected_sha256 is not None else None
@@ -160,8 +165,13 @@ class BodyStream:
         return self.received
 
     async def read(self) -> bytes:
-        """The whole body (only for small bodies: the limit bounds the memory)."""
-        parts = [chunk async for chunk in self]
+        """The whole body (only for small bodies: the limit bounds the memory), within
+        ``read_timeout``."""
+        timeout = math.inf if self.read_timeout is None else self.read_timeout
+        with trio.move_on_after(timeout) as deadline:
+            parts = [chunk async for chunk in self]
+        if deadline.cancelled_caught:
+            raise RequestTimeout(f"the request body took longer than {timeout:g} s")
         return b"".join(parts)
 
     async def _drain(self) -> None:
