@@ -221,6 +221,12 @@ class AdminServer:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file and a rename. A failure (e.g. a full disk:
+    a write error names no file) raises an OSError naming ``path``, the temp file removed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc

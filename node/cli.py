@@ -108,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"gfsp-node: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:  # e.g. a data folder that cannot be created
-        print(f"gfsp-node: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"gfsp-node: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK

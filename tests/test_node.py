@@ -747,3 +747,19 @@ def test_a_data_dir_that_cannot_be_made_is_a_config_error(
     assert cli.main(["run", "--config", str(config)]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("gfsp-node:") and "node.data_dir" in line, line
+
+
+def test_a_full_disk_at_start_names_the_file(
+        node_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in a fault review: a node started on a full disk said only
+    "gfsp-node: : No space left on device" (a write error names no file). The admin address
+    file's temp file is made a link to /dev/full, where every write is ENOSPC."""
+    data = node_dir / "data"
+    data.mkdir(exist_ok=True)
+    tmp = data / f".admin.addr.{os.getpid()}.tmp"
+    tmp.symlink_to("/dev/full")
+    assert cli.main(["run", "--config", str(node_dir / "config.toml")]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == f"gfsp-node: {data / 'admin.addr'}: No space left on device", line
+    assert not tmp.is_symlink()  # the temp file is gone
+    assert not (data / "admin.addr").exists()
