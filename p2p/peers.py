@@ -64,6 +64,7 @@ class PeerTable:
         self._peers: dict[str, PeerRecord] = {}
         self._dirty: set[str] = set()
         self._gone: set[str] = set()  # removed, still to be deleted from SPDB
+        self._refused = False  # the last flush was refused (logged once until one succeeds)
         self._state_changed = trio.Event()
         self.rtts: dict[str, float] = {}
         self.rtt_at: dict[str, float] = {}  # peer id -> when (unix s) its RTT was measured
@@ -143,8 +144,15 @@ class PeerTable:
         except DBError as exc:
             self._dirty |= {pid for pid in dirty if pid in self._peers}
             self._gone |= {pid for pid in gone if pid not in self._peers}
-            log.warning("peer table: %d change(s) not written, kept for the next try: %s",
-                        len(dirty) + len(gone), exc)
+            # a warning for the first refusal only: flushes come every ping period
+            log.log(logging.DEBUG if self._refused else logging.WARNING,
+                    "peer table: %d change(s) not written, kept for the next try: %s",
+                    len(dirty) + len(gone), exc)
+            self._refused = True
+            return
+        if self._refused:
+            log.info("peer table: written again")
+            self._refused = False
 
     async def remove(self, peer_id: str) -> None:
         self._peers.pop(peer_id, None)

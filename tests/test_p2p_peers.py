@@ -3,8 +3,11 @@ lets discovery write new peers and state changes soon instead of at the end of a
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+from pathlib import Path
 
+import pytest
 import trio
 
 from node.db import open_spdb
@@ -82,7 +85,8 @@ async def test_unspecified_addrs_are_never_stored(tmp_path, autojump_clock):
         assert rec.addrs == ("/ip4/10.0.0.6/tcp/1",)
 
 
-async def test_a_full_spdb_keeps_changes_for_later_instead_of_failing(tmp_path):
+async def test_a_full_spdb_keeps_changes_for_later_instead_of_failing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A peer-table write that SPDB refuses (its disk is full) is logged and kept for the next
     flush; it used to raise out of discovery and stop the node (found by filling a testnet
     node's data disk: 'modular p2p failed: DBError: database or disk is full', exit 1)."""
@@ -97,10 +101,14 @@ async def test_a_full_spdb_keeps_changes_for_later_instead_of_failing(tmp_path):
             for i in range(200):  # more than the pages left hold
                 await table.put(PeerRecord(f"p{i}", "0x" + "a" * 40,
                                            ("/ip4/10.0.0.1/tcp/1",) * 4))
-            await table.flush()  # refused: kept
-            await table.remove("gone")
-            assert _rows(path) == {"gone": CANDIDATE}
-            await db.run(lambda c: c.execute("PRAGMA max_page_count = 1000000").fetchone())
-            await table.flush()
+            with caplog.at_level(logging.DEBUG, logger="gfsp.p2p.peers"):
+                await table.flush()  # refused: kept
+                await table.remove("gone")
+                assert _rows(path) == {"gone": CANDIDATE}
+                # one warning while refusals last (flushes come every ping period)
+                assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.DEBUG]
+                await db.run(lambda c: c.execute("PRAGMA max_page_count = 1000000").fetchone())
+                await table.flush()
+                assert caplog.records[-1].getMessage() == "peer table: written again"
             rows = _rows(path)
             assert len(rows) == 200 and "gone" not in rows
