@@ -27,6 +27,7 @@ from node.chain import chain_errors, require_chain
 from node.crypto import pack
 from node.ec import integrity_hash, sha256
 from node.errors import (
+    DBError,
     InvalidObjectState,
     NoSuchKey,
     RequestTimeout,
@@ -153,8 +154,12 @@ class Uploader(ModularBase):
         except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await self.store.delete_object(task.object.id)
-                await self._progress(task, FAILED, len(hashes), 0, error=_reason(exc))
                 task.set_error(_reason(exc))
+                try:
+                    await self._progress(task, FAILED, len(hashes), 0, error=_reason(exc))
+                except DBError as db_exc:  # e.g. SPDB's disk is full (the manager must hear)
+                    log.warning("upload %s failed (%s); its FAILED state was not recorded: %s",
+                                task.key, _reason(exc), db_exc, extra={"task_key": task.key})
                 if self.ctx.modulars.is_running("manager"):
                     await self.ctx.modulars.manager.handle_done_upload_object_task(task)
             raise

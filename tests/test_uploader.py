@@ -209,6 +209,36 @@ async def test_a_failed_progress_or_integrity_write_cleans_up(tmp_path: Path,
         assert up.query_tasks() == []
 
 
+async def test_the_manager_hears_of_a_failure_spdb_cannot_record(tmp_path: Path) -> None:
+    """Found in the fault review: with SPDB's disk full the FAILED progress row could not be
+    written either, and that error skipped telling the manager the upload ended (its upload
+    task stayed leased until the lease ran out). The segments go, the manager hears."""
+    data = os.urandom(2 * SEG)
+    async with uploader(tmp_path) as up:
+        ended: list[str | None] = []
+
+        class Manager:  # a fake: only the two calls the uploader makes
+            name = "manager"
+
+            async def handle_create_upload_object_task(self, task: UploadObjectTask) -> None:
+                pass
+
+            async def handle_done_upload_object_task(self, task: UploadObjectTask) -> None:
+                ended.append(task.error)
+
+        up.ctx.modulars.mark_running(Manager())
+
+        async def full(*args: Any, **kw: Any) -> None:
+            raise DBError("OperationalError: database or disk is full")
+
+        up._progress = full  # type: ignore[method-assign]
+        with trio.fail_after(10), pytest.raises(DBError, match="disk is full"):
+            await upload(up, task_for(data), data)
+        assert ended == ["DBError: OperationalError: database or disk is full"]
+        assert await up.store.keys(7) == []
+        assert up.ctx.limiter.used("uploader").memory == 0
+
+
 async def test_an_upload_past_its_timeout_is_a_request_timeout(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """uploader.upload_timeout bounds the whole body (found in review: the key existed but
