@@ -192,7 +192,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     bytes, all of them when ``n >= size``). :class:`RangeNotSatisfiable` (416) when the first
     byte is at or past the end (any range of a 0-byte object), for ``bytes=-0``, for a malformed
     ``bytes=`` value (``a > b``, no digits, signs, garbage), and for several ranges
-    (``bytes=0-1,4-5``: multipart/byteranges is not served).
+    (``bytes=0-1,4-5``: multipart/byteranges is not served; empty list elements do not count).
     """
     if header is None:
         return None
@@ -204,9 +204,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         if sep:
             return None  # another unit: ignored
         raise RangeNotSatisfiable(f"malformed Range {header[:100]!r}", size)
-    spec = spec.strip()
-    if "," in spec:
+    # a list may hold empty elements (RFC 9110 5.6.1): "bytes=0-4," is the one range 0-4
+    ranges = [part.strip() for part in spec.split(",") if part.strip()]
+    if len(ranges) > 1:
         raise RangeNotSatisfiable("only one byte range per request is served", size)
+    spec = ranges[0] if ranges else ""
     m = _RANGE_RE.fullmatch(spec)
     if m is None or (not m.group(1) and not m.group(2)):
         raise RangeNotSatisfiable(f"malformed Range {header[:100]!r}", size)

@@ -182,6 +182,9 @@ async def start(nursery: trio.Nursery, modular: Any) -> Any:
     ("Bytes = 5-6 ", 100, (5, 6)),
     ("bytes=5-" + "9" * 5000, 100, (5, 99)),  # past Python's int() digit limit: the end
     ("bytes=-" + "9" * 5000, 100, (0, 99)),
+    # empty list elements (RFC 9110 5.6.1; found in review: 416)
+    ("bytes=0-4,", 100, (0, 4)),
+    ("bytes= , 5-6 ,,", 100, (5, 6)),
 ])
 def test_parse_range(header: str | None, size: int, expected: tuple[int, int] | None) -> None:
     assert parse_range(header, size) == expected
@@ -200,6 +203,7 @@ def test_parse_range(header: str | None, size: int, expected: tuple[int, int] | 
     ("bytes=+1-2", 100),
     ("bytes=1-2-3", 100),
     ("bytes=0-1,4-5", 100),  # several ranges: not served
+    ("bytes=,", 100),  # no range at all
     ("bytes=٣-٤", 100),  # non-ASCII digits
     ("bytes", 100),
     ("bytes=" + "9" * 5000 + "-", 100),  # past any end (and Python's int() digit limit)
