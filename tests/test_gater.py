@@ -914,6 +914,42 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout(
         sock.close()
 
 
+async def test_a_drain_cuts_a_write_to_a_client_that_stops_reading(
+        nursery: trio.Nursery, keep_receive_size: None) -> None:
+    """A drain (SIGTERM) ends within ``gater.drain_timeout`` even while a response write
+    waits for a client that does not read: hypercorn's cancel at the end of the drain cuts
+    the write and closes that connection (found in the fault review: the node stopped only
+    after ``send_timeout``, 60 s, as hypercorn shields its writes from cancellation)."""
+    async def endless(call: Call) -> Any:
+        async def body() -> AsyncIterator[bytes]:
+            while True:
+                yield b"x" * (256 * 1024)
+
+        return StreamingResponse(body(), media_type="application/octet-stream")
+
+    route = RouteSpec("GET", "/endless", endless, "endless", "an endless body", public=True)
+    config = gater_config(send_timeout=3600, drain_timeout=0.5)
+    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
+                      keys=new_keyset())
+    gater = Gater(ctx, routes=(route,))
+    await nursery.start(gater.serve)
+    port = int(str(gater.endpoint).rsplit(":", 1)[1])
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await sock.connect(("127.0.0.1", port))
+            stream = trio.SocketStream(sock)
+            await stream.send_all(b"GET /endless HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+            assert (await stream.receive_some(1024)).startswith(b"HTTP/1.1 200")
+            # never read again: the server's writes stall once the socket buffers are full
+            t0 = trio.current_time()
+            await gater.drain()
+            assert trio.current_time() - t0 < 5.0
+    finally:
+        sock.close()
+
+
 async def test_a_full_spdb_disk_is_507_not_500(nursery: trio.Nursery, tmp_path: Path,
                                               keep_receive_size: None) -> None:
     """A request whose SPDB write finds the disk full is 507 InsufficientStorage, as a full

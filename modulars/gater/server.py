@@ -20,8 +20,10 @@ hypercorn shields each write from cancellation and has no deadline of its own, s
 that stops reading a GET (connected, its window shut) held the request's download slot and
 segment memory for as long as it stayed, and neither ``drain_timeout`` nor the node's grace
 period could end it (SIGTERM hung). Past the deadline the connection is closed, which ends
-the request as a client disconnect would. The server class that does this replaces
-hypercorn's in ``hypercorn.trio.run`` for the whole process, as the receive size does.
+the request as a client disconnect would; the writes are not shielded either, so the cancel
+at the end of a drain cuts them (and closes their connections). The server class that does
+this replaces hypercorn's in ``hypercorn.trio.run`` for the whole process, as the receive
+size does.
 
 Limits from the config: ``max_header_bytes`` is hypercorn's ``h11_max_incomplete_size`` (a
 head that arrives in pieces and grows past it is refused by hypercorn itself with a plain 400,
@@ -66,8 +68,10 @@ def set_receive_size(nbytes: int) -> None:
 
 
 class _DeadlineTCPServer(hypercorn.trio.tcp_server.TCPServer):
-    """hypercorn's connection server with a deadline on each write (:func:`set_send_timeout`);
-    a write past it closes the connection."""
+    """hypercorn's connection server with a deadline on each write (:func:`set_send_timeout`),
+    and writes a cancel can cut (hypercorn shields them): a write past its deadline, or cut
+    half-way by a cancel (the end of a drain), closes the connection, whose stream would
+    carry a broken response anyway."""
 
     send_timeout: float = math.inf
 
@@ -77,13 +81,17 @@ class _DeadlineTCPServer(hypercorn.trio.tcp_server.TCPServer):
             return
         async with self.send_lock:
             try:
-                with trio.CancelScope(shield=True), trio.fail_after(self.send_timeout):
+                with trio.fail_after(self.send_timeout):
                     await self.stream.send_all(event.data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
             except trio.TooSlowError:
                 with trio.CancelScope(shield=True):
                     await self._initiate_server_close()
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True):
+                    await self._initiate_server_close()
+                raise
 
 
 def set_send_timeout(seconds: float) -> None:
