@@ -215,6 +215,12 @@ class GaterSection:
                                "for a client that does not read (past it the connection is "
                                "closed and the request lets go of what it holds).",
                                lo=0.01, hi=3600)
+    max_connections: int = _f(4096, "Connections served at once (more are closed as soon "
+                              "as accepted; keep under the file descriptor limit).",
+                              lo=1, hi=1_000_000)
+    keep_alive_timeout: Seconds = _f(Seconds(5.0), "Seconds a connection may be idle between "
+                                     "requests, or take to send a request's head.",
+                                     lo=0.1, hi=3600)
     hosts: list[str] = _f([], "Further host[:port] names this SP serves under (a signed request "
                           "is accepted only for the bound address, the registered endpoint or "
                           "one of these).", check=_hosts_problem)

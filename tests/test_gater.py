@@ -39,7 +39,7 @@ from starlette.responses import StreamingResponse
 from modulars.gater import Gater
 from modulars.gater.app import AuthOpType, Call, RouteSpec
 from modulars.gater.body import BodyStream
-from modulars.gater.server import _DeadlineTCPServer, set_receive_size
+from modulars.gater.server import set_receive_size
 from node import chain_msgs
 from node.app import build_limiter
 from node.auth import parse_query, payload_sha256, quote_path, sign_request
@@ -831,13 +831,12 @@ async def test_a_body_that_stalls_is_a_request_timeout(autojump_clock: Any, read
 
 @pytest.fixture
 def keep_receive_size() -> Iterator[None]:
-    """Gater.serve sets hypercorn's process-wide receive size and send timeout: put the old
-    ones back."""
-    before = hypercorn.trio.tcp_server.MAX_RECV
-    server, timeout = hypercorn.trio.run.TCPServer, _DeadlineTCPServer.send_timeout
+    """Gater.serve sets hypercorn's process-wide receive size and connection server: put the
+    old ones back."""
+    before, server = hypercorn.trio.tcp_server.MAX_RECV, hypercorn.trio.run.TCPServer
     yield
     hypercorn.trio.tcp_server.MAX_RECV = before
-    hypercorn.trio.run.TCPServer, _DeadlineTCPServer.send_timeout = server, timeout  # type: ignore[misc]
+    hypercorn.trio.run.TCPServer = server  # type: ignore[misc]
 
 
 async def test_bodies_arrive_in_reads_of_recv_bytes(nursery: trio.Nursery,
@@ -948,6 +947,68 @@ async def test_a_drain_cuts_a_write_to_a_client_that_stops_reading(
             assert trio.current_time() - t0 < 5.0
     finally:
         sock.close()
+
+
+async def _pong(call: Call) -> Any:
+    return {"pong": True}
+
+
+PING = RouteSpec("GET", "/ping", _pong, "ping", "a small answer", public=True)
+
+
+async def test_connections_over_max_connections_are_closed_at_once(
+        nursery: trio.Nursery, keep_receive_size: None) -> None:
+    """At most ``gater.max_connections`` connections are served at once; one more is closed as
+    soon as it is accepted, and is served again once one goes (found in the fault review:
+    no cap, so idle connections could use up the file descriptors); an idle one is closed
+    after ``gater.keep_alive_timeout``."""
+    config = gater_config(max_connections=2, keep_alive_timeout=3600)
+    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
+                      keys=new_keyset())
+    gater = Gater(ctx, routes=(PING,))
+    await nursery.start(gater.serve)
+    port = int(str(gater.endpoint).rsplit(":", 1)[1])
+    status = b"GET /ping HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    with trio.fail_after(TIMEOUT):
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        await idle[0].send_all(status)  # served: both are now surely accepted and held
+        assert (await idle[0].receive_some(65536)).startswith(b"HTTP/1.1 200")
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await extra.receive_some(1024) == b""  # closed at once, nothing read
+        await extra.aclose()
+        await idle[1].aclose()
+        again = await trio.open_tcp_stream("127.0.0.1", port)
+        while True:  # the server may not yet have seen idle[1] go: retry until it has
+            try:
+                await again.send_all(status)
+                answer = await again.receive_some(65536)
+            except trio.BrokenResourceError:
+                answer = b""
+            if answer:
+                break
+            await again.aclose()
+            await trio.sleep(0.05)
+            again = await trio.open_tcp_stream("127.0.0.1", port)
+        assert answer.startswith(b"HTTP/1.1 200")
+        await again.aclose()
+        await idle[0].aclose()
+        await gater.drain()
+
+
+async def test_an_idle_connection_is_closed_after_keep_alive_timeout(
+        nursery: trio.Nursery, keep_receive_size: None) -> None:
+    config = gater_config(keep_alive_timeout=0.2)
+    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
+                      keys=new_keyset())
+    gater = Gater(ctx, routes=(PING,))
+    await nursery.start(gater.serve)
+    port = int(str(gater.endpoint).rsplit(":", 1)[1])
+    with trio.fail_after(TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /ping HTTP/1.1\r\nho")  # a head never finished
+        assert await stream.receive_some(1024) == b""  # closed by the server
+        await stream.aclose()
+        await gater.drain()
 
 
 async def test_a_full_spdb_disk_is_507_not_500(nursery: trio.Nursery, tmp_path: Path,

@@ -15,15 +15,19 @@ every read, so :func:`set_receive_size` sets it for the whole process (the admin
 Reads stay under node/malloc.py's 1 MiB mmap threshold so that their buffers come from the
 (warm) heap: 1 MiB reads were fresh mappings, page-faulted in on every read, and slower.
 
-A response write waits at most ``gater.send_timeout`` seconds (:func:`set_send_timeout`):
+A response write waits at most ``gater.send_timeout`` seconds (:class:`GaterTCPServer`):
 hypercorn shields each write from cancellation and has no deadline of its own, so a client
 that stops reading a GET (connected, its window shut) held the request's download slot and
 segment memory for as long as it stayed, and neither ``drain_timeout`` nor the node's grace
 period could end it (SIGTERM hung). Past the deadline the connection is closed, which ends
 the request as a client disconnect would; the writes are not shielded either, so the cancel
-at the end of a drain cuts them (and closes their connections). The server class that does
-this replaces hypercorn's in ``hypercorn.trio.run`` for the whole process, as the receive
-size does.
+at the end of a drain cuts them (and closes their connections). The same server class
+serves at most ``gater.max_connections`` connections at once (one more is closed as soon as
+it is accepted: without a cap, idle or slow connections could use up the process's file
+descriptors), and ``gater.keep_alive_timeout`` closes a connection idle for that long (also
+one whose request head does not come whole). The class replaces hypercorn's in
+``hypercorn.trio.run`` for the whole process, as the receive size does; its values come from
+each server's own config (:class:`ServerConfig`).
 
 Limits from the config: ``max_header_bytes`` is hypercorn's ``h11_max_incomplete_size`` (a
 head that arrives in pieces and grows past it is refused by hypercorn itself with a plain 400,
@@ -67,13 +71,44 @@ def set_receive_size(nbytes: int) -> None:
     hypercorn.trio.tcp_server.MAX_RECV = nbytes
 
 
-class _DeadlineTCPServer(hypercorn.trio.tcp_server.TCPServer):
-    """hypercorn's connection server with a deadline on each write (:func:`set_send_timeout`),
-    and writes a cancel can cut (hypercorn shields them): a write past its deadline, or cut
-    half-way by a cancel (the end of a drain), closes the connection, whose stream would
-    carry a broken response anyway."""
+class ServerConfig(hypercorn.config.Config):
+    """hypercorn's config, plus what :class:`GaterTCPServer` reads from it (a server whose
+    config is hypercorn's own, e.g. the admin server's, keeps hypercorn's behaviour)."""
 
+    #: Seconds one write to a client may take (past it the connection is closed).
     send_timeout: float = math.inf
+    #: Connections served at once (more are closed as soon as accepted); None: no limit.
+    connections: trio.Semaphore | None = None
+
+
+class GaterTCPServer(hypercorn.trio.tcp_server.TCPServer):
+    """hypercorn's connection server with a limit on connections and a deadline on each
+    write (:class:`ServerConfig`), and writes a cancel can cut (hypercorn shields them): a
+    write past its deadline, or cut half-way by a cancel (the end of a drain), closes the
+    connection, whose stream would carry a broken response anyway."""
+
+    async def run(self) -> None:
+        slots = getattr(self.config, "connections", None)
+        if slots is None:
+            await super().run()
+            return
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:  # over the limit: closed at once, before any byte is read
+            log.debug("a connection closed at once: max_connections are served")
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+            return
+        try:
+            await super().run()
+        finally:
+            slots.release()
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # the client is gone (or the stream closed): hypercorn's keep-alive timer would hold
+        # this connection's task, and its slot, until keep_alive_timeout
+        await self.idle_task.stop()
 
     async def protocol_send(self, event: Event) -> None:
         if not isinstance(event, RawData):
@@ -81,7 +116,7 @@ class _DeadlineTCPServer(hypercorn.trio.tcp_server.TCPServer):
             return
         async with self.send_lock:
             try:
-                with trio.fail_after(self.send_timeout):
+                with trio.fail_after(getattr(self.config, "send_timeout", math.inf)):
                     await self.stream.send_all(event.data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
@@ -94,13 +129,10 @@ class _DeadlineTCPServer(hypercorn.trio.tcp_server.TCPServer):
                 raise
 
 
-def set_send_timeout(seconds: float) -> None:
-    """Let one response write wait at most ``seconds``, in every hypercorn server of this
-    process."""
-    if not seconds > 0:
-        raise ValueError(f"send timeout {seconds} is not positive")
-    _DeadlineTCPServer.send_timeout = seconds
-    hypercorn.trio.run.TCPServer = _DeadlineTCPServer  # type: ignore[misc]
+def use_gater_server() -> None:
+    """Serve every hypercorn connection of this process with :class:`GaterTCPServer`
+    (hypercorn has no hook for it; a config without its values keeps hypercorn's ways)."""
+    hypercorn.trio.run.TCPServer = GaterTCPServer  # type: ignore[misc]
 
 
 class Gater(ModularBase):
@@ -144,9 +176,12 @@ class Gater(ModularBase):
             self._openapi = openapi_document(self.routes, server_url=self.endpoint)
         return self._openapi
 
-    def hypercorn_config(self) -> hypercorn.config.Config:
-        config = hypercorn.config.Config()
+    def hypercorn_config(self) -> ServerConfig:
+        config = ServerConfig()
         config.bind = [self.cfg.listen]
+        config.send_timeout = float(self.cfg.send_timeout)
+        config.connections = trio.Semaphore(int(self.cfg.max_connections))
+        config.keep_alive_timeout = float(self.cfg.keep_alive_timeout)
         config.h11_max_incomplete_size = int(self.cfg.max_header_bytes)
         config.graceful_timeout = float(self.cfg.drain_timeout)
         config.include_server_header = False
@@ -157,7 +192,7 @@ class Gater(ModularBase):
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         set_receive_size(int(self.cfg.recv_bytes))
-        set_send_timeout(float(self.cfg.send_timeout))
+        use_gater_server()
         try:
             async with trio.open_nursery() as nursery:
                 try:
