@@ -612,6 +612,7 @@ class TaskExecutor(ModularBase):
                 continue
             bucket = await self.chain.get_bucket(obj.bucket)
             primary = bucket is not None and bucket.primary_sp == me
+            dropped: list[tuple[int, int, int]] = []
             for key in keys:
                 k = parse_key(key)
                 keep = (k.index is None and primary) or (
@@ -619,6 +620,8 @@ class TaskExecutor(ModularBase):
                     and obj.secondaries[k.index] == me)
                 if not keep:
                     await self.store.delete(key)
+                    dropped.append((object_id, k.segment, -1 if k.index is None else k.index))
+            await self._forget_pieces(dropped)
 
     async def _collect_unsealed(self, object_id: int, keys: list[str]) -> None:
         """Pieces and segments of an object still not sealed, with no task of ours on it
@@ -636,18 +639,25 @@ class TaskExecutor(ModularBase):
             if written is not None and written < cutoff and await self.store.delete(key):
                 dropped.append((object_id, k.segment, -1 if k.index is None else k.index))
         if dropped:
-            def forget(conn: sqlite3.Connection) -> None:
-                conn.executemany("DELETE FROM piece_hashes WHERE object_id = ? AND "
-                                 "segment = ? AND redundancy_index = ?", dropped)
-                conn.executemany("DELETE FROM integrity_meta WHERE object_id = ? AND "
-                                 "redundancy_index = ?",
-                                 sorted({(o, i) for o, _, i in dropped}))
-
-            await self.ctx.db.run(forget)
+            await self._forget_pieces(dropped)
             if self.ctx.modulars.is_running("receiver"):
                 self.ctx.modulars.receiver.forget_object(object_id)
             log.info("collected %d pieces and segments of object %d, not sealed after %g s",
                      len(dropped), object_id, self.cfg.unsealed_piece_ttl)
+
+    async def _forget_pieces(self, dropped: list[tuple[int, int, int]]) -> None:
+        """Forget the checksums of dropped pieces, (object id, segment, index; -1 for a
+        segment), and the integrity record of their index."""
+        if not dropped:
+            return
+
+        def forget(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM piece_hashes WHERE object_id = ? AND "
+                             "segment = ? AND redundancy_index = ?", dropped)
+            conn.executemany("DELETE FROM integrity_meta WHERE object_id = ? AND "
+                             "redundancy_index = ?", sorted({(o, i) for o, _, i in dropped}))
+
+        await self.ctx.db.run(forget)
 
     async def _in_progress(self, object_id: int) -> bool:
         """An upload, replication or receive of the object is still queued or running."""

@@ -10,6 +10,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from modulars.executor import TaskExecutor
 from node.app import build_limiter
 from node.config import Config, ExecutorSection
@@ -93,3 +95,62 @@ def _info() -> Any:
     from node.tasks import ObjectInfo
     return ObjectInfo(id=OID, bucket="b", name="o", owner="0x" + "22" * 20, size=2048,
                       checksums=tuple(bytes([i]) * 32 for i in range(4)))
+
+
+class SealedChain:
+    """The object sealed with this SP (``ME``) at index 0 and another SP at indices 1 and 2;
+    the bucket's primary is a third SP."""
+
+    async def get_object_by_id(self, object_id: int) -> Any:
+        return types.SimpleNamespace(id=object_id, sealed=True, bucket="b",
+                                     secondaries=(ME, "0x" + "33" * 20, "0x" + "44" * 20))
+
+    async def get_bucket(self, name: str) -> Any:
+        return types.SimpleNamespace(primary_sp="0x" + "99" * 20)
+
+
+ME = "0x" + "11" * 20
+
+
+async def test_zombie_gc_of_a_sealed_object_forgets_the_rows_of_the_pieces_it_drops(
+        tmp_path: Path) -> None:
+    """Found by a crash soak (SIGKILLed primaries replicate again with new approvals, so a
+    secondary may hold pieces of an index the seal gave to another SP): the zombie GC of a
+    sealed object removed the files of the indices this SP does not hold, and the segments
+    of a bucket it is not the primary of, but kept their piece_hashes (and integrity_meta)
+    rows until the object was deleted, checksums of pieces the SP no longer had."""
+    with trio.fail_after(10):
+        store = await LocalPieceStore.create(tmp_path / "pieces", fsync=False)
+        ours = [piece_key(OID, s, 0) for s in range(2)]
+        stale = [piece_key(OID, s, 2) for s in range(2)] + [segment_key(OID, 0)]
+        for key in ours + stale:
+            await store.put(key, b"x" * 100)
+        async with open_spdb(tmp_path / "spdb.sqlite3") as db:
+            cfg = Config()
+            ctx = NodeContext(config=cfg, limiter=build_limiter(cfg), db=db,
+                              keys=new_keyset(), piecestore=store,
+                              chain=SealedChain())  # type: ignore[arg-type]
+            signer = types.SimpleNamespace(name="signer", operator_address=ME)
+            ctx.modulars.mark_running(signer)  # type: ignore[arg-type]
+            await db.run(lambda c: c.executemany(
+                "INSERT INTO piece_hashes (object_id, segment, redundancy_index, checksum) "
+                "VALUES (?, ?, ?, ?)", [(OID, s, i, bytes([s]) * 32)
+                                        for s in range(2) for i in (0, 2)]
+                + [(OID, 0, -1, b"2" * 32)]))
+            await db.run(lambda c: c.executemany(
+                "INSERT INTO integrity_meta (object_id, redundancy_index, integrity_hash, "
+                "checksums, signature) VALUES (?, ?, ?, x'', x'')",
+                [(OID, i, bytes([i + 8]) * 32) for i in (-1, 0, 2)]))
+
+            task = GCZombiePieceTask(start_object_id=OID, end_object_id=OID)
+            await TaskExecutor(ctx).handle_gc_zombie_piece_task(task)
+
+            assert await store.keys(OID) == ours
+            rows = await db.run(lambda c: c.execute(
+                "SELECT segment, redundancy_index FROM piece_hashes WHERE object_id = ? "
+                "ORDER BY redundancy_index, segment", (OID,)).fetchall())
+            assert rows == [(0, 0), (1, 0)]
+            meta = await db.run(lambda c: c.execute(
+                "SELECT redundancy_index FROM integrity_meta WHERE object_id = ?",
+                (OID,)).fetchall())
+            assert meta == [(0,)]
