@@ -335,23 +335,28 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-async def down_testnet(m: Manifest, grace: float) -> list[str]:
-    """Stop every node, then the devchain (by pid file); remove pid files and READY marks."""
-    nodes = [(n.name, pid) for n in m.nodes if (pid := live_pid(n.pid_file, node_marker(n)))]
+async def down_testnet(m: Manifest, grace: float,
+                       only: list[NodeEntry] | None = None) -> list[str]:
+    """Stop every node, then the devchain (by pid file); remove pid files and READY marks.
+    With ``only``, stop just those nodes (``up --detach`` starts them again)."""
+    chosen = m.nodes if only is None else only
+    nodes = [(n.name, pid) for n in chosen if (pid := live_pid(n.pid_file, node_marker(n)))]
     # Listen where the nodes send STOPPING=1 (else each logs that nobody listens).
-    socks = [s for n in m.nodes if (s := bind_notify(n)) is not None]
+    socks = [s for n in chosen if (s := bind_notify(n)) is not None]
     try:
         report = await stop_processes(nodes, grace)
     finally:
         for s in socks:
             s.close()
+    for n in chosen:
+        n.pid_file.unlink(missing_ok=True)
+        n.ready_file.unlink(missing_ok=True)
+    if only is not None:
+        return report
     chain_pid = live_pid(m.chain.pid_file, chain_marker(m))
     if chain_pid:
         report += await stop_processes([("devchain", chain_pid)], grace)
-    for _, pid_file, _ in targets(m):
-        pid_file.unlink(missing_ok=True)
-    for n in m.nodes:
-        n.ready_file.unlink(missing_ok=True)
+    m.chain.pid_file.unlink(missing_ok=True)
     return report
 
 
@@ -626,10 +631,19 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     m = load_manifest(args.dir)
-    report = trio.run(down_testnet, m, args.grace)
+    only = [_node_named(m, which) for which in args.nodes] if args.nodes else None
+    report = trio.run(down_testnet, m, args.grace, only)
     for line in report or ["nothing was running"]:
         say(line)
     return EXIT_OK
+
+
+def _node_named(m: Manifest, which: str) -> NodeEntry:
+    """The node ``which`` names: its index or sp<i>."""
+    index = which.removeprefix("sp")
+    if not index.isdigit():
+        raise ManifestError(f"unknown node {which!r}: give a node index or sp<i>")
+    return m.node(int(index))
 
 
 def _spdb_stats(n: NodeEntry) -> dict[str, Any]:
@@ -734,10 +748,9 @@ def _log_targets(m: Manifest, which: str | None) -> list[tuple[str, Path]]:
         return [("devchain", m.chain.log_file)] + [(n.name, n.log_file) for n in m.nodes]
     if which in ("chain", "devchain"):
         return [("devchain", m.chain.log_file)]
-    index = which.removeprefix("sp")
-    if not index.isdigit():
+    if not which.removeprefix("sp").isdigit():
         raise ManifestError(f"unknown log {which!r}: give a node index, sp<i> or chain")
-    n = m.node(int(index))
+    n = _node_named(m, which)
     return [(n.name, n.log_file)]
 
 
@@ -867,10 +880,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lines of each log (default 50)")
     p.set_defaults(func=cmd_logs)
 
-    for name, func, text in (("down", cmd_down, "stop every process (by pid file)"),
+    for name, func, text in (("down", cmd_down, "stop every process (by pid file), or only "
+                              "the nodes named ('up --detach' starts them again)"),
                              ("clean", cmd_clean, "down, then remove what the testnet made "
                               "(account.key and files of yours stay)")):
         p = sub.add_parser(name, parents=[common], help=text)
+        if name == "down":
+            p.add_argument("nodes", nargs="*", metavar="NODE",
+                           help="node index or sp<i> (default: every process)")
         p.add_argument("--grace", type=_SECONDS, default=DEFAULT_GRACE,
                        help="seconds between SIGTERM and SIGKILL (default %(default)s)")
         p.set_defaults(func=func)

@@ -177,6 +177,21 @@ async def test_up_detach_status_logs_down(tmp_path: Path) -> None:
         assert all(alive(p) for p in pids)
         st = await status(root)
         assert all(n["alive"] and n["ready"] for n in st["nodes"]), st
+        # down NODE...: only those nodes stop (noticed in a crash soak: a node could be
+        # stopped only by its pid), and up --detach starts them again
+        with trio.fail_after(30):
+            some = await run_testnet("down", "sp2", "3", "--dir", str(root))
+        assert some.stdout.decode().count("stopped") == 2, some.stdout
+        st = await status(root)
+        assert [n["alive"] for n in st["nodes"]] == [True, True, False, False], st
+        assert st["devchain"]["alive"]
+        bad = await run_testnet("down", "sp9", "--dir", str(root), check=False)
+        assert bad.returncode == 2 and b"no node sp9" in bad.stderr
+        with trio.fail_after(UP_BOUND):
+            restarted = await run_testnet("up", "--detach", "--dir", str(root))
+        assert b"starting the nodes that are down: sp2, sp3" in restarted.stdout
+        pids = set(recorded_pids(root))
+        assert len(pids) == 5 and all(alive(p) for p in pids)
 
         with trio.fail_after(30):
             down = await run_testnet("down", "--dir", str(root))
