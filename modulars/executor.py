@@ -289,10 +289,8 @@ class TaskExecutor(ModularBase):
         any error, every buffer goes back to the store."""
         obj = task.object
         encoded: list[_Encoded] = []  # what was encoded, to give back on every path
-        with self._read_ahead_span(task) as ahead:
-            # One segment's pieces are covered by the task's own reservation; more (read
-            # and encoded while earlier ones are sent) only when the limiter has room.
-            depth = 1 if ahead is None else self.in_flight(task)
+        ahead, depth = self._read_ahead(task)
+        with ahead:
             slots = trio.Semaphore(depth)
             channels = [trio.open_memory_channel[_Encoded](depth) for _ in targets]
             try:
@@ -341,18 +339,22 @@ class TaskExecutor(ModularBase):
         return max(1, min(int(self.cfg.segments_in_flight),
                           task.params.segment_count(task.object.size)))
 
-    def _read_ahead_span(self, task: ReplicatePieceTask) -> contextlib.AbstractContextManager[
-            Span | None]:
-        """A span holding the task's read-ahead (one more segment's pieces), or None when
-        there is none (a one-segment object) or the limiter has no room."""
-        extra = task.read_ahead_memory(self.in_flight(task))
-        if extra <= 0:
-            return contextlib.nullcontext()
-        try:
-            return self.ctx.limiter.span(self.name, memory=extra)
-        except ResourceLimitExceeded:
+    def _read_ahead(self, task: ReplicatePieceTask
+                    ) -> tuple[contextlib.AbstractContextManager[Span | None], int]:
+        """A span holding the task's read-ahead, and how many segments the replication may
+        hold with it. One segment's pieces are covered by the task's own reservation; more
+        (read and encoded while earlier ones are sent) as far as the limiter has room, up to
+        :meth:`in_flight`: room for fewer than that still reads ahead that far rather than
+        not at all."""
+        for depth in range(self.in_flight(task), 1, -1):
+            try:
+                return (self.ctx.limiter.span(self.name,
+                                              memory=task.read_ahead_memory(depth)), depth)
+            except ResourceLimitExceeded:
+                continue
+        if self.in_flight(task) > 1:
             log.info("replicating %s one segment at a time: no memory to read ahead", task.key)
-            return contextlib.nullcontext()
+        return contextlib.nullcontext(), 1
 
     async def _encode_segments(self, codec: _ObjectCodec, object_id: int, segments: int,
                                slots: trio.Semaphore,

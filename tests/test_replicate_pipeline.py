@@ -219,6 +219,51 @@ async def test_no_read_ahead_without_memory(tmp_path: Path) -> None:
         assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
 
 
+async def test_read_ahead_takes_as_many_segments_as_the_limiter_has_room_for(
+        tmp_path: Path) -> None:
+    """With room for fewer segments than ``executor.segments_in_flight`` the replication
+    still reads ahead as far as the limiter allows (found in review: the read-ahead was all
+    or nothing, so segments_in_flight = 3 with room for one more segment sent one segment at
+    a time, slower than the default of 2)."""
+    data = os.urandom(6 * SEG)
+    one = ReplicatePieceTask(object=ObjectInfo(id=1, bucket="b", name="o", owner="0x",
+                                               size=len(data), checksums=()),
+                             params=PARAMS).estimate().memory
+    cfg = dataclasses.replace(in_flight(3), limits=LimitsSection(
+        services={"executor": LimitValues(memory=2 * one)}))  # room for one more segment
+    async with executor(tmp_path, data, config=cfg) as (ex, http, task):
+        watch_lag(ex, http)
+        real_put = http.put
+        held: list[int] = []
+        others_ahead = trio.Event()
+        seen_when_released: list[int] = []
+
+        async def put(url: str, **kw: Any) -> Response:
+            held.append(ex.ctx.limiter.used("executor").memory)
+            if held[0] != 2 * one:  # no read-ahead: sp0 below would wait forever
+                raise AssertionError(f"{held[0]} bytes held, not {2 * one}")
+            if url.startswith("http://sp0/") and url.endswith("/0"):
+                await others_ahead.wait()
+                seen_when_released.append(max(s for (h, _i, s) in http.got if h != "sp0"))
+            response = await real_put(url, **kw)
+            if all((f"sp{i}", i, 1) in http.got for i in range(1, N)):
+                others_ahead.set()
+            return response
+
+        http.put = put  # type: ignore[method-assign]
+        with trio.fail_after(20), ex.ctx.limiter.span("executor", memory=one):
+            await ex.handle_replicate_piece_task(task)  # as run_task would hold its estimate
+        assert seen_when_released == [1]  # two segments held, as many as fit: no further
+        assert http.lag == 1
+        assert max(held) == 2 * one
+        want = expected(data)
+        assert len(http.got) == N * len(want)
+        for (host, index, segment), piece in http.got.items():
+            assert host == f"sp{index}" and piece == want[segment][index]
+        assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
 async def test_a_failing_secondary_moves_to_a_backup(tmp_path: Path) -> None:
     data = os.urandom(4 * SEG)
     async with executor(tmp_path, data, backups=1) as (ex, http, task):
