@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
@@ -327,6 +328,203 @@ async def test_more_failed_secondaries_than_backups_stop_at_once(tmp_path: Path)
             await ex.handle_replicate_piece_task(task)
         assert max(s for (_h, _i, s) in http.got) <= 4  # stopped, not run to the end
         assert not any(h == f"sp{N}" for (h, _i, _s) in http.got)  # the backup: not started
+        assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
+class PutLog:
+    """Wraps ``http.put``: checks that each secondary is sent one piece at a time, records the
+    segments each one is sent (in order) and the most segment buffers held at any send."""
+
+    def __init__(self, ex: TaskExecutor, http: FakeHTTP,
+                 rng: random.Random | None = None) -> None:
+        self.order: dict[str, list[int]] = {}
+        self.most_buffers = 0
+        self._busy: set[str] = set()
+        real_put = http.put
+
+        async def put(url: str, **kw: Any) -> Response:
+            host, segment = url.split("/")[2], int(url.split("/")[-1])
+            assert host not in self._busy, f"two pieces at once to {host}"
+            self._busy.add(host)
+            self.most_buffers = max(self.most_buffers, ex.store._buffers.in_use)
+            self.order.setdefault(host, []).append(segment)
+            try:
+                for _ in range(rng.randint(0, 4) if rng else 0):  # another interleaving
+                    await trio.lowlevel.checkpoint()
+                return await real_put(url, **kw)
+            finally:
+                self._busy.discard(host)
+
+        http.put = put  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("fail_at", [0, 3, 5])
+async def test_secondaries_failing_at_any_segment_move_to_backups(
+        tmp_path: Path, n: int, fail_at: int) -> None:
+    """Two secondaries fail (at the first, a middle or the last segment), with two backups:
+    each backup is sent every piece of its index, in order, one at a time, and the task
+    lists the backups and their signatures at those indices."""
+    data = os.urandom(6 * SEG)
+    async with executor(tmp_path, data, backups=2, config=in_flight(n)) as (ex, http, task):
+        http.fail[("sp2", fail_at)] = httpx.ConnectError("down")
+        http.fail[("sp5", 5 - fail_at)] = httpx.ConnectError("down")
+        log = PutLog(ex, http)
+        with trio.fail_after(20):
+            await ex.handle_replicate_piece_task(task)
+        assert task.secondaries == ["sp0", "sp1", f"sp{N}", "sp3", "sp4", f"sp{N + 1}"]
+        assert task.secondary_signatures == [
+            f"sig-{host}-{i}".encode() for i, host in enumerate(task.secondaries)]
+        assert log.order["sp2"] == list(range(fail_at + 1))
+        assert log.order["sp5"] == list(range(5 - fail_at + 1))
+        for host in task.secondaries:
+            assert log.order[host] == list(range(6))
+        want = expected(data)
+        for (_host, index, segment), piece in http.got.items():
+            assert piece == want[segment][index]
+        assert log.most_buffers <= n
+        assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
+@pytest.mark.parametrize("backups", [1, 2])
+async def test_a_backup_failing_during_its_resend(tmp_path: Path, backups: int) -> None:
+    """The backup of a failed secondary fails too while it is re-sent: the next backup gets
+    every piece of that index; with none left the replication fails and gives back what it
+    held."""
+    data = os.urandom(4 * SEG)
+    async with executor(tmp_path, data, backups=backups) as (ex, http, task):
+        http.fail[("sp2", 1)] = httpx.ConnectError("down")
+        http.fail[(f"sp{N}", 2)] = httpx.ConnectError("down")
+        with trio.fail_after(20):
+            if backups == 1:
+                with pytest.raises(ReplicateError, match="no secondary left"):
+                    await ex.handle_replicate_piece_task(task)
+            else:
+                await ex.handle_replicate_piece_task(task)
+                assert task.secondaries[2] == f"sp{N + 1}"
+                assert {(i, s) for (h, i, s) in http.got if h == f"sp{N + 1}"} == {
+                    (2, s) for s in range(4)}
+        assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
+@pytest.mark.parametrize("size", [0, 1, SEG, SEG + 1])
+@pytest.mark.parametrize("n", [1, 3])
+async def test_small_objects_do_not_wait_for_segments_that_never_come(
+        tmp_path: Path, size: int, n: int) -> None:
+    data = os.urandom(size)
+    async with executor(tmp_path, data, config=in_flight(n)) as (ex, http, task):
+        with trio.fail_after(20):
+            await ex.handle_replicate_piece_task(task)
+        want = expected(data)
+        assert len(http.got) == N * len(want)
+        for (host, index, segment), piece in http.got.items():
+            assert host == f"sp{index}" and piece == want[segment][index]
+        assert len(task.secondary_signatures) == N
+        assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
+@pytest.mark.parametrize("stuck", ["sp0", f"sp{N}"])  # a secondary mid-pipeline, a backup
+async def test_a_lease_ending_mid_send_gives_everything_back(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock, stuck: str) -> None:
+    """The task's lease ends while a secondary (or a backup being re-sent its index) takes
+    a piece and never answers: the run stops as LeaseEnded, with every segment buffer back
+    in the pool and the limiter's memory (read-ahead included) released."""
+    data = os.urandom(6 * SEG)
+    async with executor(tmp_path, data, backups=1, config=in_flight(3)) as (ex, http, task):
+        http.fail[("sp2", 1)] = httpx.ConnectError("down")
+        real_put = http.put
+        reached: list[str] = []
+
+        async def put(url: str, **kw: Any) -> Response:
+            if url.startswith(f"http://{stuck}/") and url.endswith("/2"):
+                reached.append(stuck)
+                await trio.sleep_forever()
+            return await real_put(url, **kw)
+
+        http.put = put  # type: ignore[method-assign]
+        task.timeout = 60.0  # below executor.secondary_timeout: the lease ends first
+        reported: list[str | None] = []
+
+        async def report(t: Any) -> None:
+            reported.append(t.error)
+
+        ex.report_task = report  # type: ignore[method-assign]
+        await ex.run_task(task)
+        assert reached == [stuck]
+        assert len(reported) == 1 and (reported[0] or "").startswith("LeaseEnded")
+        assert ex.running == {}
+        assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
+async def test_an_unexpected_error_of_one_sender_stops_the_others_unwrapped(
+        tmp_path: Path) -> None:
+    data = os.urandom(6 * SEG)
+    async with executor(tmp_path, data, backups=2, config=in_flight(3)) as (ex, http, task):
+        real_put = http.put
+
+        async def put(url: str, **kw: Any) -> Response:
+            if url.startswith("http://sp3/") and url.endswith("/2"):
+                raise RuntimeError("a bug")
+            return await real_put(url, **kw)
+
+        http.put = put  # type: ignore[method-assign]
+        with trio.fail_after(20), pytest.raises(RuntimeError, match="a bug") as info:
+            await ex.handle_replicate_piece_task(task)
+        assert not isinstance(info.value, BaseExceptionGroup)
+        assert not any(h.startswith(f"sp{N}") for (h, _i, _s) in http.got)  # no backup used
+        assert ex.ctx.limiter.used("executor").memory == 0
+        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_random_failures_and_interleavings(tmp_path: Path, seed: int) -> None:
+    """Random object sizes, segments_in_flight, backups, failing secondaries and backups
+    (each at a random segment) and interleavings, against a model of the outcome: more
+    failed secondaries than backups, or backups running out, fail the replication; else
+    each index ends with the secondary the model says, which has every piece of it."""
+    rng = random.Random(seed)
+    segments, n, backups = rng.randint(0, 5), rng.randint(1, 4), rng.randint(0, 3)
+    data = os.urandom(max(0, segments * SEG - rng.randint(0, 100)))
+    async with executor(tmp_path, data, backups=backups, config=in_flight(n)) as (ex, http,
+                                                                                   task):
+        fails = {f"sp{i}": rng.randrange(segments) for i in range(N + backups)
+                 if segments and rng.random() < 0.25}
+        for host, segment in fails.items():
+            http.fail[(host, segment)] = httpx.ConnectError("down")
+        log = PutLog(ex, http, rng)
+        failed = [i for i in range(N) if f"sp{i}" in fails]
+        left = [f"sp{N + b}" for b in range(backups)]
+        final: list[str] | None = [f"sp{i}" for i in range(N)]
+        if len(failed) > backups:
+            final = None
+        for index in failed:
+            while final is not None and left and left[0] in fails:
+                left.pop(0)
+            if final is not None and left:
+                final[index] = left.pop(0)
+            else:
+                final = None
+        with trio.fail_after(20):
+            if final is None:
+                with pytest.raises(ReplicateError, match="no secondary left"):
+                    await ex.handle_replicate_piece_task(task)
+            else:
+                await ex.handle_replicate_piece_task(task)
+                assert task.secondaries == final
+                want = expected(data)
+                for index, host in enumerate(final):
+                    assert log.order.get(host, []) == list(range(segments))
+                    for segment in range(segments):
+                        assert http.got[(host, index, segment)] == want[segment][index]
+        for host, sent in log.order.items():  # in order, none after a failure
+            assert sent == list(range(len(sent)))
+            assert host not in fails or sent[-1] <= fails[host]
+        assert log.most_buffers <= max(1, min(n, segments))
         assert ex.ctx.limiter.used("executor").memory == 0
         assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
 
