@@ -50,7 +50,7 @@ import hypercorn.trio
 import hypercorn.trio.run
 import hypercorn.trio.tcp_server
 import trio
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 
 from modulars.gater.app import ROUTES, BodyKind, RouteSpec, build_app, replay_cache
 from modulars.gater.data import DATA_ROUTES
@@ -111,6 +111,23 @@ class GaterTCPServer(hypercorn.trio.tcp_server.TCPServer):
         await self.idle_task.stop()
 
     async def protocol_send(self, event: Event) -> None:
+        # Closed (close the socket) and Updated (restart or stop the keep-alive timer) must
+        # not be lost to a cancel: a starlette StreamingResponse sends them from its body
+        # task, inside its last send, and the http.disconnect that send delivers makes
+        # starlette cancel that very task (hypercorn's first checkpoint there raised
+        # Cancelled). A "Connection: close" response then never closed its connection, and
+        # a keep-alive one had no idle timer: neither keep_alive_timeout nor a drain closed
+        # it, and it kept its slot. (Only the socket's close is shielded for Closed: telling
+        # the protocol may wait for the app's queue, and a drain's cancel must still cut it.)
+        if isinstance(event, Updated):
+            with trio.CancelScope(shield=True):
+                await super().protocol_send(event)
+            return
+        if isinstance(event, Closed):
+            with trio.CancelScope(shield=True):
+                await self._close()
+            await self.protocol.handle(Closed())
+            return
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
