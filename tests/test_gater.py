@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import secrets
+import struct
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -1102,6 +1104,55 @@ async def test_a_connection_close_streamed_response_closes_the_connection(
         assert answer.endswith(b"\r\n\r\n" + b"x" * 3000)
     with trio.fail_after(TIMEOUT):
         await gater.drain()
+
+
+async def test_a_client_reset_before_its_answer_gives_its_slot_and_fd_back(
+        nursery: trio.Nursery, keep_receive_size: None) -> None:
+    """A client that resets its connection before its answer is written gives its
+    max_connections slot back as soon as the request ends, and no file descriptor stays
+    open (found in review: the read loop's end stopped the keep-alive timer, but the
+    answer's end started it again, since h11 never saw an EOF after a reset and both sides
+    looked done, so the slot was held for keep_alive_timeout)."""
+    called = trio.Event()
+
+    async def answer_once_gone(call: Call) -> Any:
+        called.set()
+        receive = call.request.receive
+        while (await receive())["type"] != "http.disconnect":
+            pass  # the read loop has ended once http.disconnect comes
+        return {"late": True}
+
+    route = RouteSpec("GET", "/late", answer_once_gone, "late", "answers after a disconnect",
+                      public=True)
+    config = gater_config(max_connections=1, keep_alive_timeout=3600)
+    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
+                      keys=new_keyset())
+    gater = Gater(ctx, routes=(route, PING))
+    fds = len(os.listdir("/proc/self/fd"))
+    await nursery.start(gater.serve)
+    port = int(str(gater.endpoint).rsplit(":", 1)[1])
+    with trio.fail_after(5):
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", port))
+        await sock.send(b"GET /late HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        await called.wait()  # the request is read: the server is waiting for more
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+        while True:  # the only slot comes back once the server has seen the reset
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            try:
+                await stream.send_all(b"GET /ping HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+                answer = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                answer = b""
+            await stream.aclose()
+            if answer:
+                break
+            await trio.sleep(0.05)
+    assert answer.startswith(b"HTTP/1.1 200")
+    with trio.fail_after(TIMEOUT):
+        await gater.drain()
+    assert len(os.listdir("/proc/self/fd")) <= fds  # the listener went too
 
 
 async def test_a_full_spdb_disk_is_507_not_500(nursery: trio.Nursery, tmp_path: Path,

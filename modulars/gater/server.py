@@ -104,10 +104,14 @@ class GaterTCPServer(hypercorn.trio.tcp_server.TCPServer):
         finally:
             slots.release()
 
+    #: True once the read loop has ended: nothing more can come from this connection.
+    _read_ended: bool = False
+
     async def _read_data(self) -> None:
         await super()._read_data()
         # the client is gone (or the stream closed): hypercorn's keep-alive timer would hold
         # this connection's task, and its slot, until keep_alive_timeout
+        self._read_ended = True
         await self.idle_task.stop()
 
     async def protocol_send(self, event: Event) -> None:
@@ -120,6 +124,11 @@ class GaterTCPServer(hypercorn.trio.tcp_server.TCPServer):
         # it, and it kept its slot. (Only the socket's close is shielded for Closed: telling
         # the protocol may wait for the app's queue, and a drain's cancel must still cut it.)
         if isinstance(event, Updated):
+            if event.idle and self._read_ended:
+                # an answer that ends after its client reset the connection (h11 never saw
+                # an EOF, so both sides look done and hypercorn would wait for a next
+                # request): no timer, the connection ends with its request task
+                return
             with trio.CancelScope(shield=True):
                 await super().protocol_send(event)
             return
