@@ -73,7 +73,9 @@ def set_receive_size(nbytes: int) -> None:
 
 class ServerConfig(hypercorn.config.Config):
     """hypercorn's config, plus what :class:`GaterTCPServer` reads from it (a server whose
-    config is hypercorn's own, e.g. the admin server's, keeps hypercorn's behaviour)."""
+    config is hypercorn's own, e.g. the admin server's, has no connection cap and no write
+    deadline; it shares the rest: cancellable writes, a close and keep-alive timer a cancel
+    cannot lose)."""
 
     #: Seconds one write to a client may take (past it the connection is closed).
     send_timeout: float = math.inf
@@ -147,17 +149,21 @@ class GaterTCPServer(hypercorn.trio.tcp_server.TCPServer):
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
             except trio.TooSlowError:
+                # the socket first, shielded; then the protocol, which may wait for the app's
+                # queue and so must stay cancellable (by a drain)
                 with trio.CancelScope(shield=True):
-                    await self._initiate_server_close()
-            except trio.Cancelled:
+                    await self.stream.aclose()
+                await self.protocol.handle(Closed())
+            except trio.Cancelled:  # a write cut half-way: the stream is of no further use
                 with trio.CancelScope(shield=True):
-                    await self._initiate_server_close()
+                    await self.stream.aclose()
                 raise
 
 
 def use_gater_server() -> None:
     """Serve every hypercorn connection of this process with :class:`GaterTCPServer`
-    (hypercorn has no hook for it; a config without its values keeps hypercorn's ways)."""
+    (hypercorn has no hook for it; see :class:`ServerConfig` for a server without its
+    values)."""
     hypercorn.trio.run.TCPServer = GaterTCPServer  # type: ignore[misc]
 
 
