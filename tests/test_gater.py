@@ -287,6 +287,17 @@ def gater_config(**gater: Any) -> Config:
     return Config(node=NodeSection(name="sp-test"), gater=section)
 
 
+async def bare_gater(nursery: trio.Nursery, config: Config,
+                     routes: tuple[RouteSpec, ...]) -> tuple[Gater, int]:
+    """A gater with only ``routes`` (no modulars behind it), serving in ``nursery``; its
+    port."""
+    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
+                      keys=new_keyset())
+    gater = Gater(ctx, routes=routes)
+    await nursery.start(gater.serve)
+    return gater, int(str(gater.endpoint).rsplit(":", 1)[1])
+
+
 StackFactory = Callable[..., Awaitable[Stack]]
 
 
@@ -884,35 +895,41 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout(
     held its download slot and segment memory for as long as the client stayed, and SIGTERM
     could not stop the node (found by a slowloris probe on a testnet)."""
     released = trio.Event()
+    config = gater_config(send_timeout=0.5)
+    gater, port = await bare_gater(nursery, config, (endless_route(released),))
+    sock, stream = await _slow_reader(port)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await stream.send_all(b"GET /endless HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+            await released.wait()  # never read: the server's writes stall
+            await gater.drain()
+    finally:  # (a stuck server write ends with the connection, so a failure ends too)
+        sock.close()
 
+
+def endless_route(released: trio.Event | None = None) -> RouteSpec:
+    """GET /endless: 256 KiB chunks for ever (``released`` set once the body is let go)."""
     async def endless(call: Call) -> Any:
         async def body() -> AsyncIterator[bytes]:
             try:
                 while True:
                     yield b"x" * (256 * 1024)
             finally:
-                released.set()
+                if released is not None:
+                    released.set()
 
         return StreamingResponse(body(), media_type="application/octet-stream")
 
-    route = RouteSpec("GET", "/endless", endless, "endless", "an endless body", public=True)
-    config = gater_config(send_timeout=0.5)
-    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
-                      keys=new_keyset())
-    gater = Gater(ctx, routes=(route,))
-    await nursery.start(gater.serve)
-    port = int(str(gater.endpoint).rsplit(":", 1)[1])
+    return RouteSpec("GET", "/endless", endless, "endless", "an endless body", public=True)
+
+
+async def _slow_reader(port: int) -> tuple[trio.socket.SocketType, trio.SocketStream]:
+    """A connection with a 4 KiB receive buffer (the server's writes soon stall)."""
     sock = trio.socket.socket()
     sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-    try:
-        with trio.fail_after(TIMEOUT):
-            await sock.connect(("127.0.0.1", port))
-            stream = trio.SocketStream(sock)
-            await stream.send_all(b"GET /endless HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-            await released.wait()  # never read: the server's writes stall
-            await gater.drain()
-    finally:  # (a stuck server write ends with the connection, so a failure ends too)
-        sock.close()
+    with trio.fail_after(TIMEOUT):
+        await sock.connect(("127.0.0.1", port))
+    return sock, trio.SocketStream(sock)
 
 
 async def test_a_drain_cuts_a_write_to_a_client_that_stops_reading(
@@ -921,26 +938,11 @@ async def test_a_drain_cuts_a_write_to_a_client_that_stops_reading(
     waits for a client that does not read: hypercorn's cancel at the end of the drain cuts
     the write and closes that connection (found in the fault review: the node stopped only
     after ``send_timeout``, 60 s, as hypercorn shields its writes from cancellation)."""
-    async def endless(call: Call) -> Any:
-        async def body() -> AsyncIterator[bytes]:
-            while True:
-                yield b"x" * (256 * 1024)
-
-        return StreamingResponse(body(), media_type="application/octet-stream")
-
-    route = RouteSpec("GET", "/endless", endless, "endless", "an endless body", public=True)
     config = gater_config(send_timeout=3600, drain_timeout=0.5)
-    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
-                      keys=new_keyset())
-    gater = Gater(ctx, routes=(route,))
-    await nursery.start(gater.serve)
-    port = int(str(gater.endpoint).rsplit(":", 1)[1])
-    sock = trio.socket.socket()
-    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    gater, port = await bare_gater(nursery, config, (endless_route(),))
+    sock, stream = await _slow_reader(port)
     try:
         with trio.fail_after(TIMEOUT):
-            await sock.connect(("127.0.0.1", port))
-            stream = trio.SocketStream(sock)
             await stream.send_all(b"GET /endless HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
             assert (await stream.receive_some(1024)).startswith(b"HTTP/1.1 200")
             # never read again: the server's writes stall once the socket buffers are full
@@ -965,11 +967,7 @@ async def test_connections_over_max_connections_are_closed_at_once(
     no cap, so idle connections could use up the file descriptors); an idle one is closed
     after ``gater.keep_alive_timeout``."""
     config = gater_config(max_connections=2, keep_alive_timeout=3600)
-    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
-                      keys=new_keyset())
-    gater = Gater(ctx, routes=(PING,))
-    await nursery.start(gater.serve)
-    port = int(str(gater.endpoint).rsplit(":", 1)[1])
+    gater, port = await bare_gater(nursery, config, (PING,))
     status = b"GET /ping HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
     with trio.fail_after(TIMEOUT):
         idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
@@ -1000,11 +998,7 @@ async def test_connections_over_max_connections_are_closed_at_once(
 async def test_an_idle_connection_is_closed_after_keep_alive_timeout(
         nursery: trio.Nursery, keep_receive_size: None) -> None:
     config = gater_config(keep_alive_timeout=0.2)
-    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
-                      keys=new_keyset())
-    gater = Gater(ctx, routes=(PING,))
-    await nursery.start(gater.serve)
-    port = int(str(gater.endpoint).rsplit(":", 1)[1])
+    gater, port = await bare_gater(nursery, config, (PING,))
     with trio.fail_after(TIMEOUT):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(b"GET /ping HTTP/1.1\r\nho")  # a head never finished
@@ -1033,6 +1027,20 @@ async def _read_until_closed(stream: trio.SocketStream) -> bytes:
     return data
 
 
+
+async def _streamed_gets_end_closed(port: int, headers: bytes = b"") -> None:
+    """GET /streamed five times (a lost close or timer depended on the scheduler's order),
+    each on a new connection, reading until the server closes it."""
+    for _ in range(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(5):
+            await stream.send_all(b"GET /streamed HTTP/1.1\r\nhost: 127.0.0.1\r\n" + headers
+                                  + b"\r\n")
+            answer = await _read_until_closed(stream)
+        await stream.aclose()
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert answer.endswith(b"\r\n\r\n" + b"x" * 3000)
+
 async def test_a_keep_alive_connection_is_closed_after_a_streamed_response(
         nursery: trio.Nursery, keep_receive_size: None) -> None:
     """After a streamed response (every GET of an object) a keep-alive connection still
@@ -1041,19 +1049,8 @@ async def test_a_keep_alive_connection_is_closed_after_a_streamed_response(
     review): the idle connection then stayed, with its slot, until the client left, and
     a drain waited its whole drain_timeout for it."""
     config = gater_config(keep_alive_timeout=0.2)
-    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
-                      keys=new_keyset())
-    gater = Gater(ctx, routes=(STREAMED,))
-    await nursery.start(gater.serve)
-    port = int(str(gater.endpoint).rsplit(":", 1)[1])
-    for _ in range(5):  # the lost restart depended on the scheduler's order
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        with trio.fail_after(5):
-            await stream.send_all(b"GET /streamed HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-            answer = await _read_until_closed(stream)  # the answer, then closed when idle
-        await stream.aclose()
-        assert answer.startswith(b"HTTP/1.1 200")
-        assert answer.endswith(b"\r\n\r\n" + b"x" * 3000)
+    gater, port = await bare_gater(nursery, config, (STREAMED,))
+    await _streamed_gets_end_closed(port)  # the answer, then closed when idle
     with trio.fail_after(TIMEOUT):
         await gater.drain()
 
@@ -1061,11 +1058,7 @@ async def test_a_keep_alive_connection_is_closed_after_a_streamed_response(
 async def test_a_drain_closes_a_connection_idle_after_a_streamed_response(
         nursery: trio.Nursery, keep_receive_size: None) -> None:
     config = gater_config(keep_alive_timeout=3600, drain_timeout=3600)
-    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
-                      keys=new_keyset())
-    gater = Gater(ctx, routes=(STREAMED,))
-    await nursery.start(gater.serve)
-    port = int(str(gater.endpoint).rsplit(":", 1)[1])
+    gater, port = await bare_gater(nursery, config, (STREAMED,))
     streams = []
     with trio.fail_after(5):
         for _ in range(5):
@@ -1088,20 +1081,8 @@ async def test_a_connection_close_streamed_response_closes_the_connection(
     bytes, was lost to that cancel, and a client reading to the end of the stream waited
     for as long as it stayed)."""
     config = gater_config(keep_alive_timeout=3600)
-    ctx = NodeContext(config=config, limiter=build_limiter(config), db=None,  # type: ignore[arg-type]
-                      keys=new_keyset())
-    gater = Gater(ctx, routes=(STREAMED,))
-    await nursery.start(gater.serve)
-    port = int(str(gater.endpoint).rsplit(":", 1)[1])
-    for _ in range(5):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        with trio.fail_after(5):
-            await stream.send_all(b"GET /streamed HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-                                  b"connection: close\r\n\r\n")
-            answer = await _read_until_closed(stream)
-        await stream.aclose()
-        assert answer.startswith(b"HTTP/1.1 200")
-        assert answer.endswith(b"\r\n\r\n" + b"x" * 3000)
+    gater, port = await bare_gater(nursery, config, (STREAMED,))
+    await _streamed_gets_end_closed(port, b"connection: close\r\n")
     with trio.fail_after(TIMEOUT):
         await gater.drain()
 
