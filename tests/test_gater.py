@@ -13,6 +13,7 @@ Every test runs under ``trio.fail_after``; nothing sleeps a fixed time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,6 +35,7 @@ import hypercorn.trio.run
 import hypercorn.trio.tcp_server
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from starlette.responses import StreamingResponse
@@ -1134,6 +1136,47 @@ async def test_a_client_reset_before_its_answer_gives_its_slot_and_fd_back(
     with trio.fail_after(TIMEOUT):
         await gater.drain()
     assert len(os.listdir("/proc/self/fd")) <= fds  # the listener went too
+
+
+async def test_an_early_answer_to_a_body_nobody_reads_ends_its_connection(
+        nursery: trio.Nursery, keep_receive_size: None) -> None:
+    """A route that answers before reading a large body (a refusal: 404, 403) while the
+    body's queue is full: the answer arrives and the connection closes. hypercorn delivers
+    http.disconnect into that bounded queue from inside the answer's last send, and with
+    nobody reading it that send waited for ever, holding the connection and its slot (found
+    in review; stock hypercorn does the same)."""
+    go = trio.Event()
+
+    async def refuse(call: Call) -> Any:
+        await go.wait()
+        raise AccessDenied("refused before the body")
+
+    route = RouteSpec("PUT", "/refuse", refuse, "refuse", "refuses", public=True,
+                      body="stream")
+    gater, port = await bare_gater(nursery, gater_config(recv_bytes=4096), (route,))
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    size = 64 << 20
+
+    async def send_body() -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(b"PUT /refuse HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                                  b"content-length: %d\r\n\r\n" % size)
+            chunk = b"x" * (1 << 20)
+            for _ in range(size >> 20):
+                await stream.send_all(chunk)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as client:
+            client.start_soon(send_body)
+            # the server stops reading once the body's queue is full, the client once the
+            # socket buffers are: every task here waits
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+            go.set()
+            answer = await _read_until_closed(stream)
+            client.cancel_scope.cancel()
+        assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+        await stream.aclose()
+        await gater.drain()
 
 
 async def test_a_full_spdb_disk_is_507_not_500(nursery: trio.Nursery, tmp_path: Path,

@@ -41,7 +41,12 @@ from starlette.routing import Route
 
 from modulars.authorizer import AuthOpType
 from modulars.gater import schemas
-from modulars.gater.body import BodyStream, check_declared_length, check_head_size
+from modulars.gater.body import (
+    BodyStream,
+    UnreadBodyGuard,
+    check_declared_length,
+    check_head_size,
+)
 from modulars.gater.errors import ErrorMiddleware, raise_http_exception, request_id_of
 from node.auth import AuthError, ReplayCache, VerifiedRequest, parse_query, verify_request
 from node.chain import ChainError
@@ -394,7 +399,7 @@ def build_app(gater: Gater, routes: tuple[RouteSpec, ...] = ROUTES) -> Starlette
     app = Starlette(
         routes=[Route(spec.path, _endpoint(gater, spec), methods=[spec.method],
                       name=spec.operation_id) for spec in routes],
-        middleware=[Middleware(ErrorMiddleware)],
+        middleware=[Middleware(UnreadBodyGuard), Middleware(ErrorMiddleware)],
         exception_handlers={HTTPException: raise_http_exception},
     )
     app.router.redirect_slashes = False

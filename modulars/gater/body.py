@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.auth import AuthError
 from node.errors import RequestTimeout, ServiceError
@@ -184,3 +185,46 @@ class BodyStream:
                         break
             except ClientDisconnect:
                 pass
+
+
+class UnreadBodyGuard:
+    """Pure ASGI middleware: a response sent before its request's body was read to the end
+    drops what of the body is queued while its last message is sent.
+
+    hypercorn delivers ``http.disconnect`` into the app's (bounded) receive queue from inside
+    that very send; full of body chunks nobody reads (an early answer: 403, 404 before the
+    body), it waited for ever, and with it the connection and its slot (found in review;
+    stock hypercorn does the same). Once the answer is sent, the connection closes (h11
+    cannot read past an unread body)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ended = False  # the body's last message, or the disconnect, was received
+
+        async def receive_observed() -> Message:
+            nonlocal ended
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                ended = True
+            return message
+
+        async def drop_body() -> None:
+            while not ended:
+                await receive_observed()
+
+        async def send_guarded(message: Message) -> None:
+            if (ended or message["type"] != "http.response.body"
+                    or message.get("more_body", False)):
+                await send(message)
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drop_body)
+                await send(message)
+                nursery.cancel_scope.cancel()
+
+        await self.app(scope, receive_observed, send_guarded)
