@@ -429,19 +429,23 @@ async def test_small_objects_do_not_wait_for_segments_that_never_come(
 
 @pytest.mark.parametrize("stuck", ["sp0", f"sp{N}"])  # a secondary mid-pipeline, a backup
 async def test_a_lease_ending_mid_send_gives_everything_back(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock, stuck: str) -> None:
+        tmp_path: Path, mock_clock: trio.testing.MockClock, stuck: str) -> None:
     """The task's lease ends while a secondary (or a backup being re-sent its index) takes
     a piece and never answers: the run stops as LeaseEnded, with every segment buffer back
-    in the pool and the limiter's memory (read-ahead included) released."""
+    in the pool and the limiter's memory (read-ahead included) released. (The clock moves
+    only once the piece is stuck: with an autojump clock the lease could end while the
+    piece store's worker threads were still reading, before any piece was stuck.)"""
     data = os.urandom(6 * SEG)
     async with executor(tmp_path, data, backups=1, config=in_flight(3)) as (ex, http, task):
         http.fail[("sp2", 1)] = httpx.ConnectError("down")
         real_put = http.put
         reached: list[str] = []
+        stuck_now = trio.Event()
 
         async def put(url: str, **kw: Any) -> Response:
             if url.startswith(f"http://{stuck}/") and url.endswith("/2"):
                 reached.append(stuck)
+                stuck_now.set()
                 await trio.sleep_forever()
             return await real_put(url, **kw)
 
@@ -453,7 +457,10 @@ async def test_a_lease_ending_mid_send_gives_everything_back(
             reported.append(t.error)
 
         ex.report_task = report  # type: ignore[method-assign]
-        await ex.run_task(task)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ex.run_task, task)
+            await stuck_now.wait()
+            mock_clock.jump(task.timeout)  # past the lease
         assert reached == [stuck]
         assert len(reported) == 1 and (reported[0] or "").startswith("LeaseEnded")
         assert ex.running == {}
