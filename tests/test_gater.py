@@ -979,18 +979,11 @@ async def test_connections_over_max_connections_are_closed_at_once(
         assert await extra.receive_some(1024) == b""  # closed at once, nothing read
         await extra.aclose()
         await idle[1].aclose()
+        # the server (in this run) sees idle[1] go and gives its slot back: then all wait
+        await trio.testing.wait_all_tasks_blocked(cushion=0.1)
         again = await trio.open_tcp_stream("127.0.0.1", port)
-        while True:  # the server may not yet have seen idle[1] go: retry until it has
-            try:
-                await again.send_all(status)
-                answer = await again.receive_some(65536)
-            except trio.BrokenResourceError:
-                answer = b""
-            if answer:
-                break
-            await again.aclose()
-            await trio.sleep(0.05)
-            again = await trio.open_tcp_stream("127.0.0.1", port)
+        await again.send_all(status)
+        answer = await again.receive_some(65536)
         assert answer.startswith(b"HTTP/1.1 200")
         await again.aclose()
         await idle[0].aclose()
@@ -1121,17 +1114,13 @@ async def test_a_client_reset_before_its_answer_gives_its_slot_and_fd_back(
         await called.wait()  # the request is read: the server is waiting for more
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # a reset
-        while True:  # the only slot comes back once the server has seen the reset
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            try:
-                await stream.send_all(b"GET /ping HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-                answer = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                answer = b""
-            await stream.aclose()
-            if answer:
-                break
-            await trio.sleep(0.05)
+        # the only slot comes back once the server (in this run) has seen the reset and
+        # ended the request: then every task here waits
+        await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /ping HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        answer = await stream.receive_some(65536)
+        await stream.aclose()
     assert answer.startswith(b"HTTP/1.1 200")
     with trio.fail_after(TIMEOUT):
         await gater.drain()
