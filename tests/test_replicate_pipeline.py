@@ -132,6 +132,20 @@ def expected(data: bytes) -> list[list[bytes]]:
     return [codec.encode(s) for s in split(data, SEG)]
 
 
+def assert_all_released(ex: TaskExecutor) -> None:
+    """The limiter's memory and every segment buffer are back."""
+    assert ex.ctx.limiter.used("executor").memory == 0
+    assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+
+
+def assert_every_piece_at_its_secondary(http: FakeHTTP, data: bytes) -> None:
+    """Piece i of every segment, right, at sp<i> (and nothing else)."""
+    want = expected(data)
+    assert len(http.got) == N * len(want)
+    for (host, index, segment), piece in http.got.items():
+        assert host == f"sp{index}" and piece == want[segment][index]
+
+
 def watch_lag(ex: TaskExecutor, http: FakeHTTP) -> None:
     """Record how far the encoder runs ahead of the oldest segment not fully sent."""
     pieces = ex._pieces
@@ -156,15 +170,11 @@ async def test_every_piece_arrives_with_segments_in_flight(tmp_path: Path, n: in
         watch_lag(ex, http)
         with trio.fail_after(20):
             await ex.handle_replicate_piece_task(task)
-        want = expected(data)
-        assert len(http.got) == N * len(want)
-        for (host, index, segment), piece in http.got.items():
-            assert host == f"sp{index}" and piece == want[segment][index]
+        assert_every_piece_at_its_secondary(http, data)
         assert http.lag <= n - 1  # segments encoded ahead of one still being sent
         assert task.secondaries == [f"sp{i}" for i in range(N)]
         assert task.secondary_signatures == [f"sig-sp{i}-{i}".encode() for i in range(N)]
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 async def test_a_slow_secondary_holds_up_the_others_only_when_the_segments_run_out(
@@ -195,12 +205,8 @@ async def test_a_slow_secondary_holds_up_the_others_only_when_the_segments_run_o
             await ex.handle_replicate_piece_task(task)
         assert seen_when_released == [n - 1]
         assert http.lag == n - 1
-        want = expected(data)
-        assert len(http.got) == N * len(want)
-        for (host, index, segment), piece in http.got.items():
-            assert host == f"sp{index}" and piece == want[segment][index]
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_every_piece_at_its_secondary(http, data)
+        assert_all_released(ex)
 
 
 async def test_no_read_ahead_without_memory(tmp_path: Path) -> None:
@@ -216,8 +222,7 @@ async def test_no_read_ahead_without_memory(tmp_path: Path) -> None:
             await ex.handle_replicate_piece_task(task)  # as run_task would hold its estimate
         assert len(http.got) == N * 4
         assert http.lag == 0
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 async def test_read_ahead_takes_as_many_segments_as_the_limiter_has_room_for(
@@ -257,12 +262,8 @@ async def test_read_ahead_takes_as_many_segments_as_the_limiter_has_room_for(
         assert seen_when_released == [1]  # two segments held, as many as fit: no further
         assert http.lag == 1
         assert max(held) == 2 * one
-        want = expected(data)
-        assert len(http.got) == N * len(want)
-        for (host, index, segment), piece in http.got.items():
-            assert host == f"sp{index}" and piece == want[segment][index]
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_every_piece_at_its_secondary(http, data)
+        assert_all_released(ex)
 
 
 async def test_a_failing_secondary_moves_to_a_backup(tmp_path: Path) -> None:
@@ -277,8 +278,7 @@ async def test_a_failing_secondary_moves_to_a_backup(tmp_path: Path) -> None:
         for (_host, index, segment), piece in http.got.items():
             assert piece == want[segment][index]
         assert task.secondaries[2] == f"sp{N}"
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 async def test_a_secondary_that_never_answers_moves_to_a_backup(
@@ -314,8 +314,7 @@ async def test_a_failure_mid_pipeline_releases_everything(tmp_path: Path) -> Non
         with trio.fail_after(20), pytest.raises(ReplicateError, match="no secondary left"):
             await ex.handle_replicate_piece_task(task)
         assert max(s for (_h, _i, s) in http.got) <= 3  # stopped, not run to the end
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
         assert await ex.store.keys(OBJECT_ID) == [segment_key(OBJECT_ID, i) for i in range(6)]
 
 
@@ -328,8 +327,7 @@ async def test_more_failed_secondaries_than_backups_stop_at_once(tmp_path: Path)
             await ex.handle_replicate_piece_task(task)
         assert max(s for (_h, _i, s) in http.got) <= 4  # stopped, not run to the end
         assert not any(h == f"sp{N}" for (h, _i, _s) in http.got)  # the backup: not started
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 class PutLog:
@@ -384,8 +382,7 @@ async def test_secondaries_failing_at_any_segment_move_to_backups(
         for (_host, index, segment), piece in http.got.items():
             assert piece == want[segment][index]
         assert log.most_buffers <= n
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 @pytest.mark.parametrize("backups", [1, 2])
@@ -406,8 +403,7 @@ async def test_a_backup_failing_during_its_resend(tmp_path: Path, backups: int) 
                 assert task.secondaries[2] == f"sp{N + 1}"
                 assert {(i, s) for (h, i, s) in http.got if h == f"sp{N + 1}"} == {
                     (2, s) for s in range(4)}
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 @pytest.mark.parametrize("size", [0, 1, SEG, SEG + 1])
@@ -418,13 +414,9 @@ async def test_small_objects_do_not_wait_for_segments_that_never_come(
     async with executor(tmp_path, data, config=in_flight(n)) as (ex, http, task):
         with trio.fail_after(20):
             await ex.handle_replicate_piece_task(task)
-        want = expected(data)
-        assert len(http.got) == N * len(want)
-        for (host, index, segment), piece in http.got.items():
-            assert host == f"sp{index}" and piece == want[segment][index]
+        assert_every_piece_at_its_secondary(http, data)
         assert len(task.secondary_signatures) == N
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 @pytest.mark.parametrize("stuck", ["sp0", f"sp{N}"])  # a secondary mid-pipeline, a backup
@@ -464,8 +456,7 @@ async def test_a_lease_ending_mid_send_gives_everything_back(
         assert reached == [stuck]
         assert len(reported) == 1 and (reported[0] or "").startswith("LeaseEnded")
         assert ex.running == {}
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 async def test_an_unexpected_error_of_one_sender_stops_the_others_unwrapped(
@@ -484,8 +475,7 @@ async def test_an_unexpected_error_of_one_sender_stops_the_others_unwrapped(
             await ex.handle_replicate_piece_task(task)
         assert not isinstance(info.value, BaseExceptionGroup)
         assert not any(h.startswith(f"sp{N}") for (h, _i, _s) in http.got)  # no backup used
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -532,8 +522,7 @@ async def test_random_failures_and_interleavings(tmp_path: Path, seed: int) -> N
             assert sent == list(range(len(sent)))
             assert host not in fails or sent[-1] <= fails[host]
         assert log.most_buffers <= max(1, min(n, segments))
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 async def test_a_missing_segment_fails_cleanly(tmp_path: Path) -> None:
@@ -544,8 +533,7 @@ async def test_a_missing_segment_fails_cleanly(tmp_path: Path) -> None:
             await ex.handle_replicate_piece_task(task)
         assert not isinstance(info.value, BaseExceptionGroup)
         assert {s for (_h, _i, s) in http.got} <= {0, 1, 2}
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 async def test_a_short_segment_is_refused(tmp_path: Path) -> None:
@@ -554,8 +542,7 @@ async def test_a_short_segment_is_refused(tmp_path: Path) -> None:
         await ex.store.put(segment_key(OBJECT_ID, 1), data[SEG:2 * SEG - 1])
         with trio.fail_after(20), pytest.raises(ReplicateError, match="not 65536 bytes"):
             await ex.handle_replicate_piece_task(task)
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 async def test_done_is_asked_of_every_secondary_at_once(tmp_path: Path) -> None:
@@ -588,8 +575,7 @@ async def test_done_is_asked_of_every_secondary_at_once(tmp_path: Path) -> None:
         assert task.secondaries[3] == f"sp{N}"
         assert task.secondary_signatures[3] == f"sig-sp{N}-3".encode()
         assert {(i, s) for (h, i, s) in http.got if h == f"sp{N}"} == {(3, s) for s in range(3)}
-        assert ex.ctx.limiter.used("executor").memory == 0
-        assert ex.store._buffers.in_use == 0  # every segment buffer back in the pool
+        assert_all_released(ex)
 
 
 async def _answering(nursery: trio.Nursery, body: bytes) -> str:
